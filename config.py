@@ -321,7 +321,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
                           f"would see keys outside their window; lower max_len or set --data.pack false")
     if d.start < 0 or (d.stop and d.stop <= d.start):
-        raise ConfigError(f"row range {d.start}..{d.stop} is empty: --data.stop must exceed --data.start (0 = to the end)")
+        raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
+                          "--data.stop must exceed --data.start (0 = to the end)")
     if d.eval_rows < 0 or d.num_rows < 0:
         raise ConfigError("--data.eval_rows and --data.num_rows must not be negative")
     if lo.rank < 1:
