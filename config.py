@@ -144,6 +144,8 @@ class EvalConfig:
     batch_size: int = 8
     # JSONL or text file of prompts; empty = the shipped prompt set (or held-out rows for tiny).
     prompts: str = ""
+    # Use only the first N prompts (0 = all of them).
+    num_prompts: int = 0
 
 
 @dataclass
