@@ -88,6 +88,7 @@ class DataConfig:
     pack_buffer: int = 2048
     # Prepared data directory (arrays + manifest.json + stats.json).
     out_dir: str = "data/kaggle"
+    # Threads sentencepiece tokenizes each batch of rows with (0 = one).
     num_workers: int = 0
     seed: int = 0
 

@@ -1,0 +1,581 @@
+"""Data stage: glaiveai reasoning rows -> Gemma chat prompts + `<reasoning>/<answer>` completions -> packed windows.
+
+Read top to bottom, the pipeline is:
+
+1. rewrite  ``<think>R</think> A``  into  ``<reasoning>R</reasoning>\\n<answer>A</answer>`` (or drop the row),
+2. render the question with Gemma's own chat template (instruction first: Gemma has no system role),
+3. tokenize ``BOS + prompt + completion + <end_of_turn>`` with a loss mask on the completion only,
+4. drop rows longer than ``max_len`` (truncating would cut the answer away),
+5. best-fit pack rows into ``max_len`` windows with per-row segment ids and positions,
+6. store memory-mappable arrays + ``manifest.json`` + ``stats.json`` + a length histogram (a cache),
+7. load them with grain: shuffled per epoch, fixed-shape batches, a resumable iterator state.
+
+``python data_prep.py --preset cpu-tiny`` runs it on the shipped sample with no network.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import io
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import grain
+import jinja2.sandbox
+import kagglehub
+import matplotlib
+import numpy as np
+import pyarrow.parquet as pq
+import sentencepiece as spm
+from tqdm import tqdm
+
+from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+# Gemma has no system role, so this goes in the user turn before the question.
+INSTRUCTION = ("Think step by step inside <reasoning></reasoning>, "
+               "then give your final answer inside <answer></answer>.")
+
+# chat_template of gemma-2-2b-it's tokenizer_config.json, verbatim.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+FORBIDDEN_TAGS = (THINK_OPEN, THINK_CLOSE, "<reasoning>", "</reasoning>", "<answer>", "</answer>")
+PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"
+END_OF_TURN = "<end_of_turn>"
+# Bump when the stored format or the row processing changes: older caches are then rebuilt.
+PREP_VERSION = 1
+SPLITS = ("train", "eval")
+# Rows tokenized per sentencepiece batch call (threads split a batch).
+TOKENIZE_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- 1. rewrite
+
+def rewrite_with_reason(response: str) -> tuple[str | None, str]:
+    """The rewritten completion and "", or None and the named reason the row is dropped for."""
+    start = response.find(THINK_OPEN)
+    if start < 0:
+        return None, "no_think"
+    if response[:start].strip():
+        return None, "text_before_think"
+    end = response.find(THINK_CLOSE, start)
+    if end < 0:
+        return None, "unclosed_think"
+    reasoning, answer = response[start + len(THINK_OPEN):end], response[end + len(THINK_CLOSE):]
+    if THINK_OPEN in answer:
+        return None, "multiple_think"
+    if any(tag in reasoning or tag in answer for tag in FORBIDDEN_TAGS):
+        return None, "nested_tags"
+    reasoning, answer = reasoning.strip(), answer.strip()
+    if not reasoning:
+        return None, "empty_reasoning"
+    if not answer:
+        return None, "empty_answer"
+    return f"<reasoning>{reasoning}</reasoning>\n<answer>{answer}</answer>", ""
+
+
+def rewrite_response(response: str) -> str | None:
+    """``<reasoning>R</reasoning>\\n<answer>A</answer>`` from one ``<think>R</think>A`` response, else None."""
+    return rewrite_with_reason(response)[0]
+
+
+# ----------------------------------------------------------------------------- 2. prompt
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+_JINJA = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+_JINJA.globals["raise_exception"] = _raise_template_error
+_CHAT_TEMPLATE = _JINJA.from_string(GEMMA_CHAT_TEMPLATE)
+
+
+def build_prompt(prompt: str) -> str:
+    """The user turn (instruction + question) and the model-turn opener, as Gemma's template renders them.
+
+    The leading ``<bos>`` is left out: the tokenizer adds BOS as an id, never as text.
+    """
+    messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{prompt}"}]
+    return _CHAT_TEMPLATE.render(messages=messages, bos_token="", add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------- 3. tokenizer
+
+def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
+    """The Kaggle Flax download (or its local copy): the only network call of the pipeline."""
+    if model_cfg.checkpoint_dir:
+        model_dir = Path(model_cfg.checkpoint_dir).expanduser()
+    else:
+        model_dir = Path(kagglehub.model_download(model_cfg.kaggle_handle))
+    # Handles read owner/model/framework/variation; the checkpoint sits in a folder named after the variation.
+    variation = model_cfg.kaggle_handle.split("/")[3]
+    missing = [name for name in ("tokenizer.model", variation) if not (model_dir / name).exists()]
+    if missing:
+        raise ConfigError(f"{model_dir} lacks {' and '.join(missing)}: set --model.checkpoint_dir to the "
+                          f"Kaggle Flax download of {model_cfg.kaggle_handle}")
+    return model_dir
+
+
+def tokenizer_file(model_cfg: ModelConfig) -> Path:
+    """``--model.tokenizer_path`` if set, else the sentencepiece model of the Kaggle download."""
+    if model_cfg.tokenizer_path:
+        return Path(model_cfg.tokenizer_path).expanduser()
+    return kaggle_model_dir(model_cfg) / "tokenizer.model"
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> spm.SentencePieceProcessor:
+    """Gemma's sentencepiece model, checked for the `<end_of_turn>` piece every completion ends with."""
+    path = tokenizer_file(model_cfg)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer {path} does not exist: set --model.tokenizer_path")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.piece_to_id(END_OF_TURN) == sp.unk_id():
+        raise ConfigError(f"tokenizer {path} has no {END_OF_TURN} piece: use a Gemma tokenizer")
+    return sp
+
+
+# Gemma's ids 4..105 (<mask>, <2mass>, [@BOS@], <unused0..98>), so that the turn markers land on 106 and 107.
+GEMMA_FILLER_PIECES = ["<mask>", "<2mass>", "[@BOS@]"] + [f"<unused{i}>" for i in range(99)]
+
+
+def build_tiny_tokenizer(sample_path: Path, out_path: Path, vocab_size: int = 2048) -> None:
+    """Trains a small BPE sentencepiece model on the sample's usable rows, with Gemma's special-token ids.
+
+    pad=0, eos=1, bos=2, unk=3, ``<start_of_turn>``=106, ``<end_of_turn>``=107, and Gemma's normalisation
+    (none: whitespace kept, no dummy prefix, digits split, unknown bytes as byte pieces). One thread and the
+    whole input make the file reproducible byte for byte.
+    """
+    texts = []
+    for record in read_jsonl(Path(sample_path), start=0, stop=0):
+        fields = check_fields(record)
+        completion = rewrite_response(fields[1]) if isinstance(fields, tuple) else None
+        if completion is not None:
+            texts.append(build_prompt(fields[0]) + completion + END_OF_TURN)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        user_defined_symbols=GEMMA_FILLER_PIECES + ["<start_of_turn>", END_OF_TURN],
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        max_sentence_length=1 << 20, num_threads=1, minloglevel=2)
+    Path(out_path).write_bytes(model.getvalue())
+
+
+# ----------------------------------------------------------------------------- 4. tokenize
+
+def example_from_ids(sp: spm.SentencePieceProcessor, prompt_ids: list[int], completion_ids: list[int],
+                     max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``BOS + prompt + completion + <end_of_turn>`` and its loss mask (1 on the completion), or None if too long."""
+    n_prompt, n = 1 + len(prompt_ids), 1 + len(prompt_ids) + len(completion_ids) + 1
+    if n > max_len:
+        return None
+    tokens = np.array([sp.bos_id(), *prompt_ids, *completion_ids, sp.piece_to_id(END_OF_TURN)], dtype=np.int32)
+    loss_mask = (np.arange(n) >= n_prompt).astype(np.int32)
+    return tokens, loss_mask
+
+
+def tokenize_example(sp: spm.SentencePieceProcessor, prompt_text: str, completion_text: str,
+                     max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """One row's tokens and loss mask; None when it exceeds max_len (dropped, never truncated)."""
+    return example_from_ids(sp, sp.encode(prompt_text), sp.encode(completion_text), max_len)
+
+
+# ----------------------------------------------------------------------------- 5. sources
+# Each reader yields the rows of [start, stop) of its source as dicts, or a drop reason for a row that
+# cannot even be parsed.
+
+def read_jsonl(path: Path, start: int, stop: int) -> Iterator[dict | str]:
+    """Rows of a JSON-lines file; a bad line becomes "invalid_utf8" or "malformed_json", never an exception."""
+    with open(path, "rb") as f:
+        lines = (line for line in f if line.strip())
+        for line in itertools.islice(lines, start, stop or None):
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield "invalid_utf8"
+                continue
+            except json.JSONDecodeError:
+                yield "malformed_json"
+                continue
+            yield record if isinstance(record, dict) else "malformed_json"
+
+
+def read_parquet(path: Path, start: int, stop: int) -> Iterator[dict | str]:
+    """Rows of a Parquet file, read a record batch at a time."""
+    parquet = pq.ParquetFile(path)
+    _check_columns(parquet.schema_arrow.names, path)
+    batches = parquet.iter_batches(columns=[PROMPT_COLUMN, RESPONSE_COLUMN])
+    rows = (row for batch in batches for row in batch.to_pylist())
+    yield from itertools.islice(rows, start, stop or None)
+
+
+def read_hf(name: str, split: str, start: int, stop: int) -> Iterator[dict | str]:
+    """Rows of a Hugging Face dataset, streamed: nothing is downloaded beyond what is read."""
+    try:
+        rows = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # network, auth or naming problems all end the run with one line
+        raise ConfigError(f"cannot stream dataset {name!r} split {split!r}: {err}") from err
+    if rows.column_names is not None:
+        _check_columns(rows.column_names, name)
+    rows = rows.skip(start)
+    yield from (rows.take(stop - start) if stop else rows)
+
+
+def _check_columns(names: Iterable[str], source: Any) -> None:
+    missing = [c for c in (PROMPT_COLUMN, RESPONSE_COLUMN) if c not in names]
+    if missing:
+        raise ConfigError(f"{source} has no column {' or '.join(map(repr, missing))} (it has {list(names)})")
+
+
+def read_source(data_cfg: DataConfig) -> Iterator[dict | str]:
+    """Rows of the configured source: a local .jsonl / .parquet file, else a Hugging Face dataset name."""
+    path = Path(data_cfg.source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"source file {path} does not exist: set --data.source")
+        reader = read_parquet if path.suffix == ".parquet" else read_jsonl
+        return reader(path, data_cfg.start, data_cfg.stop)
+    return read_hf(data_cfg.source, data_cfg.split, data_cfg.start, data_cfg.stop)
+
+
+def check_fields(record: dict | str) -> tuple[str, str] | str:
+    """(prompt, response) of a usable row, or the named reason it is not."""
+    if isinstance(record, str):
+        return record
+    fields = []
+    for column in (PROMPT_COLUMN, RESPONSE_COLUMN):
+        if column not in record:
+            return "missing_column"
+        value = record[column]
+        if value is None:
+            return "null_field"
+        if not isinstance(value, str):
+            return "non_string_field"
+        if not value.strip():
+            return "empty_field"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from a "\ud800" escape
+            return "invalid_utf8"
+        fields.append(value)
+    return fields[0], fields[1]
+
+
+# ----------------------------------------------------------------------------- 6. pack
+
+def pack_rows(lengths: list[int], max_len: int, buffer_rows: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of row indices into windows of max_len tokens.
+
+    Rows are taken ``buffer_rows`` at a time (a bounded buffer), longest first, each into the window with
+    the least room that still fits it. A row is never split.
+    """
+    windows: list[list[int]] = []
+    for chunk_start in range(0, len(lengths), buffer_rows):
+        chunk = range(chunk_start, min(chunk_start + buffer_rows, len(lengths)))
+        first_window = len(windows)
+        room: list[tuple[int, int]] = []  # (free tokens, window index), sorted
+        for row in sorted(chunk, key=lambda r: -lengths[r]):
+            slot = bisect.bisect_left(room, (lengths[row], -1))
+            if slot == len(room):
+                windows.append([row])
+                bisect.insort(room, (max_len - lengths[row], len(windows) - 1))
+            else:
+                free, window = room.pop(slot)
+                windows[window].append(row)
+                bisect.insort(room, (free - lengths[row], window))
+        assert all(sum(lengths[r] for r in w) <= max_len for w in windows[first_window:])
+    return windows
+
+
+# ----------------------------------------------------------------------------- 7. store
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_key(cfg: Config, tokenizer_path: Path) -> dict[str, Any]:
+    """Everything the prepared data depends on; a prepared directory is reused only if all of it matches."""
+    d = cfg.data
+    source_path = Path(d.source).expanduser()
+    return {
+        "version": PREP_VERSION,
+        "source": d.source,
+        "source_sha256": _sha256(source_path) if source_path.is_file() else None,
+        "split": d.split, "start": d.start, "stop": d.stop, "num_rows": d.num_rows, "eval_rows": d.eval_rows,
+        "max_len": d.max_len, "pack": d.pack, "pack_buffer": d.pack_buffer,
+        "tokenizer": str(tokenizer_path),
+        "tokenizer_sha256": _sha256(tokenizer_path),
+        "prompt_format_sha256": hashlib.sha256((INSTRUCTION + GEMMA_CHAT_TEMPLATE).encode()).hexdigest(),
+    }
+
+
+def _array_path(data_dir: Path, split: str, name: str) -> Path:
+    return data_dir / f"{split}_{name}.npy"
+
+
+ARRAY_NAMES = ("tokens", "loss_mask", "row_offsets", "window_offsets")
+# The arrays of one batch, each int32[batch, max_len].
+BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{data_dir} holds no prepared data (no manifest.json): run data_prep.py first")
+    return json.loads(path.read_text())
+
+
+def is_cached(data_dir: Path, key: dict[str, Any]) -> bool:
+    """True if data_dir holds a complete preparation made from the same inputs."""
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    arrays = [_array_path(data_dir, split, name) for split in SPLITS for name in ARRAY_NAMES]
+    return {name: manifest.get(name) for name in key} == key and all(p.is_file() for p in arrays)
+
+
+def write_split(data_dir: Path, split: str, rows: list[tuple[np.ndarray, np.ndarray]], windows: list[list[int]]
+                ) -> None:
+    """Rows in window order as flat arrays: window w holds rows window_offsets[w]..window_offsets[w+1]."""
+    ordered = [rows[r] for window in windows for r in window]
+    row_offsets = np.cumsum([0] + [len(tokens) for tokens, _ in ordered], dtype=np.int64)
+    window_offsets = np.cumsum([0] + [len(window) for window in windows], dtype=np.int64)
+    arrays = {
+        "tokens": np.concatenate([t for t, _ in ordered] or [np.zeros(0, np.int32)]).astype(np.int32),
+        "loss_mask": np.concatenate([m for _, m in ordered] or [np.zeros(0, np.int32)]).astype(np.uint8),
+        "row_offsets": row_offsets,
+        "window_offsets": window_offsets,
+    }
+    for name, array in arrays.items():
+        np.save(_array_path(data_dir, split, name), array)
+
+
+def length_stats(rows: list[tuple[np.ndarray, np.ndarray]], num_windows: int, max_len: int) -> dict[str, Any]:
+    """Token-length percentiles, packing efficiency (non-pad / all tokens) and the share of loss tokens."""
+    row_lengths = np.array([len(tokens) for tokens, _ in rows])
+    completion_lengths = np.array([int(mask.sum()) for _, mask in rows])
+    prompt_lengths = row_lengths - completion_lengths
+    total = int(row_lengths.sum())
+
+    def percentiles(values: np.ndarray) -> dict[str, int]:
+        return {f"p{q}": int(np.percentile(values, q)) for q in (5, 50, 90, 95, 99, 100)} if len(values) else {}
+
+    return {
+        "rows": len(rows), "windows": num_windows, "tokens": total,
+        "prompt_tokens": percentiles(prompt_lengths), "completion_tokens": percentiles(completion_lengths),
+        "packing_efficiency": total / max(1, num_windows * max_len),
+        "efficiency_without_packing": total / max(1, len(rows) * max_len),
+        "loss_token_share": int(completion_lengths.sum()) / max(1, total),
+    }
+
+
+def plot_lengths(path: Path, row_lengths: list[int], max_len: int) -> None:
+    """Histogram of tokenized row lengths, the max_len cut marked: what the length filter drops is visible."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(row_lengths, bins=50, color="tab:blue")
+    ax.axvline(max_len, color="tab:red", linestyle="--", label=f"max_len {max_len}")
+    ax.set(xlabel="tokens per row (BOS + prompt + completion)", ylabel="rows", title="Row lengths before the filter")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 8. prepare
+
+def tokenize_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg: DataConfig,
+                  drops: collections.Counter, progress: tqdm) -> Iterator[tuple[str, str, tuple, int]]:
+    """(prompt, completion, (tokens, loss_mask), length) of each usable row; counts every other under its reason.
+
+    Rows are tokenized in batches so sentencepiece can spread a batch over ``cfg.num_workers`` threads.
+    Stops once ``cfg.num_rows`` rows are kept, without reading further.
+    """
+    kept, pending = 0, []
+    threads = max(1, cfg.num_workers)
+    rows = iter(rows)
+    while True:
+        wanted = cfg.num_rows - kept if cfg.num_rows else TOKENIZE_BATCH
+        for record in rows:
+            progress.update()
+            fields = check_fields(record)
+            completion, reason = rewrite_with_reason(fields[1]) if isinstance(fields, tuple) else (None, fields)
+            if completion is None:
+                drops[reason] += 1
+            else:
+                pending.append((fields[0], completion))
+                if len(pending) >= min(wanted, TOKENIZE_BATCH):
+                    break
+        if not pending:
+            return
+        prompt_ids = sp.encode([build_prompt(prompt) for prompt, _ in pending], num_threads=threads)
+        completion_ids = sp.encode([completion for _, completion in pending], num_threads=threads)
+        for (prompt, completion), p_ids, c_ids in zip(pending, prompt_ids, completion_ids, strict=True):
+            length = 2 + len(p_ids) + len(c_ids)
+            example = example_from_ids(sp, p_ids, c_ids, cfg.max_len)
+            if example is None:
+                drops["too_long"] += 1
+            kept += example is not None
+            yield prompt, completion, example, length
+        progress.set_postfix(kept=kept, refresh=False)
+        pending = []
+        if cfg.num_rows and kept >= cfg.num_rows:
+            return
+
+
+def prepare(cfg: Config, show_progress: bool = True) -> Path:
+    """Runs the data stage into ``cfg.data.out_dir`` (or reuses a valid preparation there) and returns it."""
+    d = cfg.data
+    data_dir = Path(d.out_dir).expanduser()
+    sp = load_tokenizer(cfg.model)
+    key = cache_key(cfg, tokenizer_file(cfg.model))
+    if is_cached(data_dir, key):
+        if show_progress:
+            print(f"reusing the prepared data in {data_dir} (same source, tokenizer, max_len and packing)")
+        return data_dir
+
+    drops: collections.Counter[str] = collections.Counter()
+    kept_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    row_lengths: list[int] = []
+    held_out_texts: collections.deque[tuple[str, str]] = collections.deque(maxlen=d.eval_rows or None)
+    total = d.stop - d.start if d.stop else None
+    with tqdm(total=total, desc="rows read", unit="row", disable=not show_progress) as progress:
+        for prompt, completion, example, length in tokenize_rows(sp, read_source(d), d, drops, progress):
+            row_lengths.append(length)
+            if example is not None:
+                kept_rows.append(example)
+                held_out_texts.append((prompt, completion))
+        rows_read = progress.n
+    if len(kept_rows) <= d.eval_rows:
+        reasons = ", ".join(f"{n} {r}" for r, n in drops.most_common()) or "none"
+        raise ConfigError(f"{d.source} gave {len(kept_rows)} usable rows of {rows_read} read (dropped: {reasons}); "
+                          f"need more than --data.eval_rows {d.eval_rows}")
+
+    split_rows = {"train": kept_rows[:len(kept_rows) - d.eval_rows], "eval": kept_rows[len(kept_rows) - d.eval_rows:]}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "manifest.json").unlink(missing_ok=True)  # written last: its presence marks a complete directory
+    split_stats = {}
+    for split, rows in split_rows.items():
+        lengths = [len(tokens) for tokens, _ in rows]
+        windows = pack_rows(lengths, d.max_len, d.pack_buffer) if d.pack else [[r] for r in range(len(rows))]
+        write_split(data_dir, split, rows, windows)
+        split_stats[split] = length_stats(rows, len(windows), d.max_len)
+    with open(data_dir / "eval_prompts.jsonl", "w") as f:
+        for prompt, reference in held_out_texts if d.eval_rows else ():
+            f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
+    plot_lengths(data_dir / "row_lengths.png", row_lengths, d.max_len)
+
+    enough = d.num_rows and len(kept_rows) >= d.num_rows
+    stats = {
+        "rows_read": rows_read, "rows_kept": len(kept_rows), "rows_dropped": sum(drops.values()),
+        "dropped_by_reason": dict(sorted(drops.items())),
+        "stopped_because": "num_rows kept" if enough else "source ended",
+        **split_stats,
+    }
+    (data_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    counts = {f"{split}_{what}": split_stats[split][what] for split in SPLITS for what in ("rows", "windows", "tokens")}
+    manifest = {**key, "counts": counts}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return data_dir
+
+
+# ----------------------------------------------------------------------------- 9. load
+
+def padding_window(max_len: int) -> dict[str, np.ndarray]:
+    """A window of padding only: no tokens, no loss, segment id 0."""
+    return {name: np.zeros(max_len, np.int32) for name in BATCH_FIELDS}
+
+
+class PackedWindows:
+    """Random access to the packed windows of one split, as fixed-length arrays (a grain data source).
+
+    Arrays are memory-mapped, so a window costs only its own tokens to read.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.max_len = read_manifest(data_dir)["max_len"]
+        self.arrays = {name: np.load(_array_path(Path(data_dir), split, name), mmap_mode="r") for name in ARRAY_NAMES}
+
+    def __len__(self) -> int:
+        return len(self.arrays["window_offsets"]) - 1
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        first_row, end_row = self.arrays["window_offsets"][index:index + 2]
+        row_starts = np.asarray(self.arrays["row_offsets"][first_row:end_row + 1])
+        begin, end = row_starts[0], row_starts[-1]
+        n, row_lengths = end - begin, np.diff(row_starts)
+        window = padding_window(self.max_len)
+        window["tokens"][:n] = self.arrays["tokens"][begin:end]
+        window["loss_mask"][:n] = self.arrays["loss_mask"][begin:end]
+        window["segment_ids"][:n] = np.repeat(np.arange(1, len(row_lengths) + 1), row_lengths)
+        window["positions"][:n] = np.arange(n) - np.repeat(row_starts[:-1] - begin, row_lengths)
+        return window
+
+
+def num_windows(data_dir: str | Path, split: str = "train") -> int:
+    """Packed windows (training rows after packing) in a split: one epoch is this many rows."""
+    return read_manifest(data_dir)["counts"][f"{split}_windows"]
+
+
+def train_loader(data_dir: str | Path, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+                 ) -> grain.DatasetIterator:
+    """Endless batches of training windows, reshuffled each epoch; ``get_state()``/``set_state()`` resume it.
+
+    Each process reads its own disjoint shard of windows; batch_size is per process.
+    """
+    windows = grain.MapDataset.source(PackedWindows(data_dir, "train"))[shard_index::shard_count]
+    if len(windows) < batch_size:
+        raise ConfigError(f"shard {shard_index}/{shard_count} of {data_dir} has {len(windows)} windows, "
+                          f"fewer than one batch of {batch_size}: prepare more rows or lower the batch")
+    batches = windows.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    return iter(batches.to_iter_dataset())
+
+
+def eval_batches(data_dir: str | Path, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Every eval window once, in stored order; the last batch is filled with all-padding windows (loss_mask 0)."""
+    source = PackedWindows(data_dir, "eval")
+    windows = [source[i] for i in range(len(source))]
+    windows += [padding_window(source.max_len)] * (-len(windows) % batch_size)
+    return [{name: np.stack([w[name] for w in windows[i:i + batch_size]]) for name in BATCH_FIELDS}
+            for i in range(0, len(windows), batch_size)]
+
+
+def summary_line(data_dir: Path) -> str:
+    stats = json.loads((data_dir / "stats.json").read_text())
+    reasons = ", ".join(f"{n} {r}" for r, n in stats["dropped_by_reason"].items()) or "none"
+    return (f"kept {stats['rows_kept']} of {stats['rows_read']} rows read ({stats['stopped_because']}), "
+            f"dropped {stats['rows_dropped']} ({reasons}); {stats['train']['windows']} train + "
+            f"{stats['eval']['windows']} eval windows, packing efficiency {stats['train']['packing_efficiency']:.1%}; "
+            f"wrote {data_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = config_from_argv(argv, "Prepare tokenized, packed training data from glaiveai reasoning rows.")
+    try:
+        data_dir = prepare(cfg)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print(summary_line(data_dir))
+
+
+if __name__ == "__main__":
+    main()
