@@ -1,0 +1,390 @@
+"""Evaluates a LoRA run: does the model answer as ``<reasoning>...</reasoning><answer>...</answer>``?
+
+For each prompt the tuned model (and with ``--compare-base`` the base model) generates a
+completion with Tunix's ``Sampler``, greedy by default as declared for the hackathon. Each
+completion is checked for the required format and measured (reasoning and answer length in
+tokens, truncation, speed); the held-out loss and perplexity come alongside, so the report
+shows format compliance and loss both.
+
+    python eval_samples.py --preset cpu-tiny --run runs/cpu-tiny [--step N] [--out DIR] [--compare-base]
+    python eval_samples.py --preset kaggle --run runs/kaggle --loss-only
+
+Writes ``samples.jsonl``, ``summary.json``, ``report.md`` and ``lengths.png`` into RUN/eval
+(or ``--out``). Prompts: ``--prompts FILE`` (JSONL with ``prompt`` and optional ``domain``,
+or text with one prompt per line), else the shipped ``assets/eval_prompts.jsonl`` across the
+judged domains, or, for the tiny model, the held-out rows of the prepared data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import sentencepiece as spm
+from flax import nnx
+from matplotlib.figure import Figure
+from tqdm import tqdm
+from tunix.generate.sampler import CacheConfig, Sampler
+from tunix.generate.utils import next_power_of_2
+
+import data_prep
+import train_sft
+from config import ASSETS_DIR, Config, ConfigError, EvalConfig, config_from_argv
+
+PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
+END_OF_TURN = "<end_of_turn>"
+SAMPLES_PER_DOMAIN = 2  # full samples shown in report.md for each domain
+
+# -----------------------------------------------------------------------------
+# The format check
+
+TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
+
+
+class FormatCheck(NamedTuple):
+    """Whether a completion is well-formed; if not, the first problem found. Sections are stripped."""
+
+    ok: bool
+    reason: str | None
+    reasoning: str | None
+    answer: str | None
+
+
+def check_format(text: str, truncated: bool = False) -> FormatCheck:
+    """Checks for exactly one non-empty ``<reasoning>`` section, then one non-empty ``<answer>``, and nothing else.
+
+    ``truncated`` says generation hit the token limit before ``<end_of_turn>``: such an output
+    fails as ``truncated`` whatever it holds, because the model never chose to stop. A trailing
+    ``<end_of_turn>`` is ignored. Failure reasons, checked in this order: per section
+    ``missing_*``, ``duplicate_tags``, ``unopened_*`` (closing tag only), ``unclosed_*``;
+    then ``wrong_order`` (a closing tag before its opening tag, or the answer before the
+    reasoning), ``nested_tags`` (overlapping sections), ``text_outside_tags``, ``empty_*``.
+    """
+    text = text.strip().removesuffix(END_OF_TURN)
+    tags: dict[str, list[re.Match]] = {}
+    for match in TAG_RE.finditer(text):
+        tags.setdefault(match.group(), []).append(match)
+    reasoning, answer = _section(text, tags, "reasoning"), _section(text, tags, "answer")
+    reason = "truncated" if truncated else _first_problem(text, tags, reasoning, answer)
+    return FormatCheck(reason is None, reason, reasoning, answer)
+
+
+def _section(text: str, tags: dict[str, list[re.Match]], name: str) -> str | None:
+    """The stripped text between the single opening and closing tag of ``name``, if they are in order."""
+    opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
+    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
+        return None
+    return text[opens[0].end():closes[0].start()].strip()
+
+
+def _first_problem(text: str, tags: dict[str, list[re.Match]], reasoning: str | None, answer: str | None
+                   ) -> str | None:
+    for name in ("reasoning", "answer"):
+        opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
+        if not opens and not closes:
+            return f"missing_{name}"
+        if len(opens) > 1 or len(closes) > 1:
+            return "duplicate_tags"
+        if not opens:
+            return f"unopened_{name}"
+        if not closes:
+            return f"unclosed_{name}"
+    r_open, r_close, a_open, a_close = (tags[t][0] for t in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"))
+    if r_close.start() < r_open.start() or a_close.start() < a_open.start() or a_close.start() < r_open.start():
+        return "wrong_order"
+    if a_open.start() < r_close.start():
+        return "nested_tags"
+    if (text[:r_open.start()] + text[r_close.end():a_open.start()] + text[a_close.end():]).strip():
+        return "text_outside_tags"
+    if not reasoning:
+        return "empty_reasoning"
+    if not answer:
+        return "empty_answer"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(path: Path, default_domain: str = "custom") -> list[dict]:
+    """Prompt rows ``{"domain", "prompt"}`` from JSONL (``prompt``, optional ``domain``) or text, a prompt a line."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if Path(path).suffix != ".jsonl":
+        return [{"domain": default_domain, "prompt": line.strip()} for line in lines]
+    rows = [json.loads(line) for line in lines]
+    return [{"domain": row.get("domain", default_domain), "prompt": row["prompt"]} for row in rows]
+
+
+def eval_prompts(cfg: Config, data_dir: Path) -> list[dict]:
+    """The prompts to generate for: ``eval.prompts``, else held-out rows for the tiny model, else the shipped set.
+
+    The tiny random-init model only ever learns the sample's distribution, so the judged
+    domains mean nothing to it; its held-out rows do.
+    """
+    if cfg.eval.prompts:
+        path = Path(cfg.eval.prompts)
+        if not path.is_file():
+            raise ConfigError(f"--eval.prompts {path} does not exist: pass a .jsonl or a text file of prompts")
+        prompts = load_prompts(path)
+    elif cfg.model.name == "tiny":
+        prompts = load_prompts(data_dir / "eval_prompts.jsonl", default_domain="held-out")
+    else:
+        prompts = load_prompts(PROMPTS_PATH)
+    return prompts[:cfg.eval.num_prompts or None]
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: list[dict], ecfg: EvalConfig,
+             name: str) -> list[dict]:
+    """Generates a completion per prompt in batches and checks and measures each (one record per sample)."""
+    texts = [data_prep.build_prompt(p["prompt"]) for p in prompts]
+    # One padded prompt length and batch size for every batch, so the sampler compiles once (+1: the <bos> it adds).
+    prompt_len = next_power_of_2(max(len(tokenizer.encode(t)) for t in texts) + 1)
+    batch_size = min(ecfg.batch_size, len(texts))
+    mc = model.config
+    sampler = Sampler(model, tokenizer, CacheConfig(prompt_len + ecfg.max_new_tokens, mc.num_layers,
+                                                     mc.num_kv_heads, mc.head_dim))
+    stop_ids = [tokenizer.piece_to_id(END_OF_TURN), tokenizer.eos_id()]
+    # The embedding table is padded past the tokenizer's pieces; such ids cannot be decoded, so never sample them.
+    undecodable = range(tokenizer.get_piece_size(), mc.num_embed)
+    # Temperature 0 is the sampler's greedy mode; it takes top_p/top_k only for sampling.
+    sampling = {} if ecfg.temperature <= 0 else dict(
+        temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k, seed=ecfg.seed)
+    records = []
+    for batch, start in enumerate(tqdm(range(0, len(texts), batch_size), desc=f"generate {name}", unit="batch")):
+        chunk = texts[start:start + batch_size]
+        began = time.perf_counter()
+        out = sampler(chunk + chunk[-1:] * (batch_size - len(chunk)), max_generation_steps=ecfg.max_new_tokens,
+                      max_prompt_length=prompt_len, eos_tokens=stop_ids,
+                      forbidden_tokens=undecodable or None, **sampling)
+        seconds = time.perf_counter() - began
+        # The sampler cuts each output before its first stop token: a full-length output never stopped.
+        lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
+        for prompt, text, length in zip(prompts[start:start + batch_size], out.text, lengths, strict=False):
+            truncated = length >= ecfg.max_new_tokens
+            check = check_format(text, truncated)
+            records.append({
+                "model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
+                "reasoning": check.reasoning, "answer": check.answer, "format_ok": check.ok, "reason": check.reason,
+                "reasoning_tokens": None if check.reasoning is None else len(tokenizer.encode(check.reasoning)),
+                "answer_tokens": None if check.answer is None else len(tokenizer.encode(check.answer)),
+                "truncated": truncated, "generated_tokens": length,
+                "batch": batch, "tokens_per_s": sum(lengths) / seconds,
+            })
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Summary and report
+
+
+def summarize(records: list[dict], losses: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Per model ("tuned", "base"): the numbers of report.md and summary.json, with the eval loss merged in.
+
+    Lengths average over the samples whose section parsed. Speed is the mean over batches of
+    generated tokens per second, leaving out the first batch (it includes compilation) when
+    there are others.
+    """
+    summary: dict[str, dict] = {}
+    for model in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model]
+        speeds = list({r["batch"]: r["tokens_per_s"] for r in rows}.values())
+        summary[model] = {
+            **_compliance(rows),
+            "failures": dict(Counter(r["reason"] for r in rows if r["reason"]).most_common()),
+            **_length_stats(rows, "reasoning_tokens"),
+            **_length_stats(rows, "answer_tokens"),
+            "truncation_rate": statistics.mean(r["truncated"] for r in rows),
+            "tokens_per_s": statistics.mean(speeds[1:] or speeds),
+            "domains": {domain: _compliance([r for r in rows if r["domain"] == domain])
+                        for domain in dict.fromkeys(r["domain"] for r in rows)},
+        }
+    for model, loss in (losses or {}).items():
+        summary.setdefault(model, {}).update(loss)
+    return summary
+
+
+def _compliance(rows: list[dict]) -> dict[str, float]:
+    return {"samples": len(rows), "compliant": sum(r["format_ok"] for r in rows),
+            "compliance": statistics.mean(r["format_ok"] for r in rows)}
+
+
+def _length_stats(rows: list[dict], key: str) -> dict[str, float | None]:
+    values = [r[key] for r in rows if r[key] is not None]
+    return {f"{key}_mean": statistics.mean(values) if values else None,
+            f"{key}_median": statistics.median(values) if values else None}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def summary_tables(summary: dict[str, dict]) -> str:
+    """Markdown tables, one column per model: the headline numbers, failure reasons and per-domain compliance."""
+    models = list(summary)
+    s = [summary[m] for m in models]
+    rows = [
+        ["format compliance"] + [f"{_fmt(x.get('compliance'), '.1%')} ({x.get('compliant', 0)}/{x.get('samples', 0)})"
+                                 for x in s],
+        ["truncation rate"] + [_fmt(x.get("truncation_rate"), ".1%") for x in s],
+        ["reasoning tokens, mean / median"] + [
+            f"{_fmt(x.get('reasoning_tokens_mean'), '.1f')} / {_fmt(x.get('reasoning_tokens_median'), '.1f')}"
+            for x in s],
+        ["answer tokens, mean / median"] + [
+            f"{_fmt(x.get('answer_tokens_mean'), '.1f')} / {_fmt(x.get('answer_tokens_median'), '.1f')}" for x in s],
+        ["generation tokens/s"] + [_fmt(x.get("tokens_per_s"), ".1f") for x in s],
+        ["eval loss"] + [_fmt(x.get("loss"), ".4f") for x in s],
+        ["eval perplexity"] + [_fmt(x.get("perplexity"), ".3f") for x in s],
+    ]
+    parts = [_table(["metric", *models], rows)]
+    reasons = list(dict.fromkeys(r for x in s for r in x.get("failures", {})))
+    if reasons:
+        parts.append(_table(["failure reason", *models],
+                            [[r] + [str(x["failures"].get(r, 0)) for x in s] for r in reasons]))
+    domains = list(dict.fromkeys(d for x in s for d in x.get("domains", {})))
+    if domains:
+        parts.append(_table(["domain", *models], [
+            [d] + [_domain_cell(x.get("domains", {}).get(d)) for x in s] for d in domains]))
+    return "\n\n".join(parts)
+
+
+def _domain_cell(stats: dict | None) -> str:
+    return "—" if stats is None else f"{stats['compliance']:.1%} ({stats['compliant']}/{stats['samples']})"
+
+
+def _fenced(text: str) -> str:
+    """A code fence longer than any run of backticks in text, so model output cannot break the markdown."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}\n{text}\n{fence}"
+
+
+def render_report(records: list[dict], summary: dict[str, dict], meta: dict) -> str:
+    """report.md: what was evaluated, the summary tables, then a few full samples per domain, models side by side."""
+    lines = [f"# Evaluation of {meta['run']} (step {meta['step']})", "",
+             f"Preset `{meta['preset']}`; {meta['prompts']} prompts; decoding: {meta['decoding']}.", "",
+             "Lengths count the samples whose section parsed; tokens/s leaves out the first batch "
+             "(compilation) when there are others.", "", summary_tables(summary)]
+    by_prompt: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_prompt.setdefault((r["domain"], r["prompt"]), []).append(r)
+    if by_prompt:
+        lines += ["", "## Samples"]
+    for domain in dict.fromkeys(d for d, _ in by_prompt):
+        lines += ["", f"### {domain}"]
+        for (_, prompt), rows in [item for item in by_prompt.items() if item[0][0] == domain][:SAMPLES_PER_DOMAIN]:
+            lines += ["", "**Prompt**", "", _fenced(prompt)]
+            for r in rows:
+                verdict = "well-formed" if r["format_ok"] else f"fails: `{r['reason']}`"
+                lines += ["", f"**{r['model']}** ({verdict}; {r['generated_tokens']} tokens generated)", "",
+                          _fenced(r["output"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(records: list[dict], path: Path) -> None:
+    """Histograms of reasoning and answer lengths in tokens, one colour per model."""
+    models = list(dict.fromkeys(r["model"] for r in records))
+    fig = Figure(figsize=(10, 4))
+    for ax, key in zip(fig.subplots(1, 2), ("reasoning_tokens", "answer_tokens"), strict=True):
+        ax.hist([[r[key] for r in records if r["model"] == m and r[key] is not None] for m in models],
+                bins=20, label=models)  # one set of bins, the models' bars side by side
+        ax.set(title=key.replace("_", " "), xlabel="tokens", ylabel="samples")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_outputs(out_dir: Path, records: list[dict], summary: dict[str, dict], meta: dict) -> None:
+    """Writes samples.jsonl, summary.json, report.md and (when there are samples) lengths.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    (out_dir / "summary.json").write_text(json.dumps({**meta, "models": summary}, indent=2) + "\n")
+    (out_dir / "report.md").write_text(render_report(records, summary, meta), encoding="utf-8")
+    if records:
+        plot_lengths(records, out_dir / "lengths.png")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path | None = None,
+             compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
+    """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    mesh = train_sft.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        model = train_sft.build_model(cfg, mesh)
+        step = train_sft.restore_lora(model, run_dir, step)
+        data_dir = data_prep.prepare(cfg)  # reuses the training run's preparation when the settings match
+        batches = data_prep.eval_batches(data_dir, cfg.run.micro_batch)
+        tokenizer = data_prep.load_tokenizer(cfg.model)
+        prompts = [] if loss_only else eval_prompts(cfg, data_dir)
+        records: list[dict] = []
+        losses: dict[str, dict] = {}
+        for name in ("tuned", "base") if compare_base else ("tuned",):
+            if name == "base":
+                del model  # free the tuned weights before loading the base ones
+                model = train_sft.build_model(cfg, mesh, with_lora=False)
+            if not loss_only:
+                records += generate(model, tokenizer, prompts, cfg.eval, name)
+            losses[name] = train_sft.evaluate_loss(model, batches)
+    meta = {"run": str(run_dir), "step": step, "preset": cfg.preset, "prompts": len(prompts),
+            "decoding": "none (--loss-only)" if loss_only else _decoding(cfg.eval),
+            "eval": dataclasses.asdict(cfg.eval)}
+    summary = summarize(records, losses)
+    out_dir = out_dir or run_dir / "eval"
+    write_outputs(out_dir, records, summary, meta)
+    print(summary_tables(summary))
+    print(f"wrote {out_dir}/report.md")
+    return summary
+
+
+def _decoding(e: EvalConfig) -> str:
+    mode = "greedy" if e.temperature <= 0 else f"temperature {e.temperature}, top_k {e.top_k}, top_p {e.top_p}"
+    return f"{mode}, at most {e.max_new_tokens} new tokens"
+
+
+def _flags() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run", required=True, help="run directory written by train_sft.py --out DIR")
+    parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
+    parser.add_argument("--out", help="output directory (default: RUN/eval)")
+    parser.add_argument("--prompts", help="JSONL or text file of prompts (same as --eval.prompts)")
+    parser.add_argument("--compare-base", action="store_true", help="also evaluate the base model, side by side")
+    parser.add_argument("--loss-only", action="store_true", help="only the held-out loss and perplexity")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    cfg, args = config_from_argv(argv, __doc__.splitlines()[0], _flags())
+    if args.prompts:
+        cfg.eval.prompts = args.prompts
+    try:
+        return evaluate(cfg, Path(args.run), args.step, Path(args.out) if args.out else None,
+                        args.compare_base, args.loss_only)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

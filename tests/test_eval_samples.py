@@ -1,0 +1,154 @@
+"""eval_samples: the format check, prompt files, the report from hand-made records, and generation with a tiny model."""
+
+import json
+
+import jax
+import pytest
+
+import data_prep
+import eval_samples
+import train_sft
+from config import TINY_TOKENIZER_PATH, get_config
+from eval_samples import check_format
+
+GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
+
+
+def test_well_formed_output_parses_into_stripped_sections():
+    check = check_format(f"  \n{GOOD}\n<end_of_turn>")
+    assert check == (True, None, "Two and two make four.", "4")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("<answer>4</answer>", "missing_reasoning"),
+    ("<reasoning>think</reasoning>", "missing_answer"),
+    ("<reasoning>think", "unclosed_reasoning"),
+    ("<reasoning>think</reasoning><answer>4", "unclosed_answer"),
+    ("think</reasoning><answer>4</answer>", "unopened_reasoning"),
+    ("<reasoning>think</reasoning>4</answer>", "unopened_answer"),
+    ("<reasoning> \n</reasoning><answer>4</answer>", "empty_reasoning"),
+    ("<reasoning>think</reasoning><answer> </answer>", "empty_answer"),
+    ("Sure! " + GOOD, "text_outside_tags"),
+    ("<reasoning>think</reasoning> so <answer>4</answer>", "text_outside_tags"),
+    (GOOD + " Hope this helps.", "text_outside_tags"),
+    ("<reasoning>think <answer>4</answer></reasoning>", "nested_tags"),
+    ("<answer>a <reasoning>think</reasoning></answer>", "nested_tags"),
+    ("<reasoning>a<answer>b</reasoning>c</answer>", "nested_tags"),
+    ("<reasoning>a</reasoning><reasoning>b</reasoning><answer>4</answer>", "duplicate_tags"),
+    (GOOD + "<answer>5</answer>", "duplicate_tags"),
+    ("<answer>4</answer><reasoning>think</reasoning>", "wrong_order"),
+    ("</reasoning>think<reasoning><answer>4</answer>", "wrong_order"),
+])
+def test_malformed_output_names_its_problem(text, reason):
+    check = check_format(text)
+    assert (check.ok, check.reason) == (False, reason)
+
+
+def test_truncated_output_fails_as_truncated_but_keeps_what_parsed():
+    check = check_format(GOOD, truncated=True)
+    assert (check.ok, check.reason, check.answer) == (False, "truncated", "4")
+    assert check_format("<reasoning>and then", truncated=True).reason == "truncated"
+
+
+def test_prompt_files_jsonl_and_text(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a?", "domain": "math"}\n\n{"prompt": "b?"}\n')
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\n  second prompt  \n")
+    assert eval_samples.load_prompts(jsonl) == [{"domain": "math", "prompt": "a?"},
+                                                {"domain": "custom", "prompt": "b?"}]
+    assert eval_samples.load_prompts(text, default_domain="x") == [{"domain": "x", "prompt": "first prompt"},
+                                                                   {"domain": "x", "prompt": "second prompt"}]
+
+
+def test_shipped_prompts_cover_the_judged_domains():
+    prompts = eval_samples.load_prompts(eval_samples.PROMPTS_PATH)
+    assert 25 <= len(prompts) <= 40
+    assert {p["domain"] for p in prompts} == {"creative writing", "creative ideation", "summarization",
+                                              "basic science", "math", "coding", "other"}
+
+
+def test_eval_prompts_choice(tmp_path):
+    (tmp_path / "eval_prompts.jsonl").write_text('{"prompt": "held", "reference": "r"}\n' * 3)
+    tiny = get_config("cpu-tiny", {"eval.num_prompts": "2"})
+    assert eval_samples.eval_prompts(tiny, tmp_path) == [{"domain": "held-out", "prompt": "held"}] * 2
+    assert len(eval_samples.eval_prompts(get_config("kaggle"), tmp_path)) == 30
+    (tmp_path / "mine.txt").write_text("only one\n")
+    own = get_config("cpu-tiny", {"eval.prompts": str(tmp_path / "mine.txt")})
+    assert eval_samples.eval_prompts(own, tmp_path) == [{"domain": "custom", "prompt": "only one"}]
+
+
+def _record(model, domain, text, truncated=False, batch=0, speed=100.0, prompt=0):
+    check = check_format(text, truncated)
+    return {"model": model, "domain": domain, "prompt": f"{domain} question {prompt}", "output": text,
+            "reasoning": check.reasoning, "answer": check.answer, "format_ok": check.ok, "reason": check.reason,
+            "reasoning_tokens": None if check.reasoning is None else len(check.reasoning.split()),
+            "answer_tokens": None if check.answer is None else len(check.answer.split()),
+            "truncated": truncated, "generated_tokens": len(text.split()), "batch": batch, "tokens_per_s": speed}
+
+
+def test_report_and_summary_from_hand_made_records(tmp_path):
+    records = [
+        _record("tuned", "math", "<reasoning>a b c</reasoning><answer>x</answer>", batch=0, speed=10.0),
+        _record("tuned", "math", "<reasoning>a b c d e</reasoning><answer>x y</answer>", batch=0, speed=10.0, prompt=1),
+        _record("tuned", "coding", "<reasoning>a</reasoning><answer>x y z</answer>", batch=1, speed=50.0),
+        _record("tuned", "coding", "<reasoning>a b", truncated=True, batch=1, speed=50.0, prompt=1),
+        _record("base", "math", "just an answer", batch=0, speed=20.0),
+        _record("base", "math", "<reasoning>a</reasoning><answer>x</answer>", batch=0, speed=20.0, prompt=1),
+        _record("base", "coding", "more text", batch=1, speed=30.0),
+        _record("base", "coding", "<reasoning>a</reasoning>", batch=1, speed=30.0, prompt=1),
+    ]
+    losses = {"tuned": {"loss": 1.5, "perplexity": 4.4817, "loss_tokens": 100},
+              "base": {"loss": 2.5, "perplexity": 12.1825, "loss_tokens": 100}}
+    summary = eval_samples.summarize(records, losses)
+    meta = {"run": "runs/x", "step": 7, "preset": "cpu-tiny", "prompts": 4, "decoding": "greedy"}
+    eval_samples.write_outputs(tmp_path, records, summary, meta)
+
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    tuned, base = saved["models"]["tuned"], saved["models"]["base"]
+    assert (tuned["compliant"], tuned["samples"], tuned["compliance"]) == (3, 4, 0.75)
+    assert (base["compliant"], base["compliance"]) == (1, 0.25)
+    assert tuned["failures"] == {"truncated": 1}
+    assert base["failures"] == {"missing_reasoning": 2, "missing_answer": 1}
+    assert tuned["reasoning_tokens_mean"] == 3 and tuned["reasoning_tokens_median"] == 3
+    assert tuned["answer_tokens_mean"] == 2 and tuned["answer_tokens_median"] == 2
+    assert tuned["truncation_rate"] == 0.25 and base["truncation_rate"] == 0
+    assert tuned["tokens_per_s"] == 50.0  # the first batch (compilation) is left out
+    assert tuned["domains"]["coding"] == {"samples": 2, "compliant": 1, "compliance": 0.5}
+    assert (tuned["loss"], base["perplexity"], saved["step"]) == (1.5, 12.1825, 7)
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| format compliance | 75.0% (3/4) | 25.0% (1/4) |" in report
+    assert "| missing_reasoning | 0 | 2 |" in report
+    assert "| coding | 50.0% (1/2) | 0.0% (0/2) |" in report
+    assert "| eval loss | 1.5000 | 2.5000 |" in report
+    assert "fails: `truncated`" in report and "### math" in report
+    first = report.index("math question 0")  # both models' outputs under their prompt, side by side
+    assert first < report.index("**tuned**", first) < report.index("**base**", first) < report.index("math question 1")
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "lengths.png").stat().st_size > 0
+
+
+def test_loss_only_report_has_losses_and_no_samples(tmp_path):
+    summary = eval_samples.summarize([], {"tuned": {"loss": 1.0, "perplexity": 2.718, "loss_tokens": 5}})
+    eval_samples.write_outputs(tmp_path, [], summary, {"run": "r", "step": 1, "preset": "p", "prompts": 0,
+                                                       "decoding": "none"})
+    report = (tmp_path / "report.md").read_text()
+    assert "| eval loss | 1.0000 |" in report and "## Samples" not in report
+    assert not (tmp_path / "lengths.png").exists()
+
+
+@pytest.mark.skipif(not TINY_TOKENIZER_PATH.exists(), reason="the tiny tokenizer asset is not built yet")
+def test_generate_with_the_tiny_model():
+    cfg = get_config("cpu-tiny", {"eval.max_new_tokens": "16", "eval.batch_size": "2"})
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    mesh = train_sft.make_mesh(cfg)
+    prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}, {"domain": "other", "prompt": "Say hello."}]
+    with jax.set_mesh(mesh):
+        records = eval_samples.generate(train_sft.build_model(cfg, mesh), tokenizer, prompts, cfg.eval, "tuned")
+    assert [(r["model"], r["domain"], r["prompt"]) for r in records] == [("tuned", p["domain"], p["prompt"])
+                                                                        for p in prompts]
+    for r in records:
+        assert 0 < r["generated_tokens"] <= 16 and r["truncated"] == (r["generated_tokens"] == 16)
+        assert r["tokens_per_s"] > 0 and isinstance(r["output"], str)
+        assert check_format(r["output"], r["truncated"]) == (r["format_ok"], r["reason"], r["reasoning"], r["answer"])
