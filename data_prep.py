@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import grain
@@ -403,9 +403,18 @@ def plot_lengths(path: Path, row_lengths: list[int], max_len: int) -> None:
 
 # ----------------------------------------------------------------------------- 8. prepare
 
-def tokenize_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg: DataConfig,
-                  drops: collections.Counter, progress: tqdm) -> Iterator[tuple[str, str, tuple, int]]:
-    """(prompt, completion, (tokens, loss_mask), length) of each usable row; counts every other under its reason.
+class RowResult(NamedTuple):
+    """What became of one source row."""
+
+    example: tuple[np.ndarray, np.ndarray] | None  # (tokens, loss_mask), None if dropped
+    drop_reason: str = ""
+    prompt: str = ""
+    completion: str = ""
+    length: int = 0  # tokens before the length filter; 0 if never tokenized
+
+
+def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg: DataConfig) -> Iterator[RowResult]:
+    """One RowResult per row read: checked, rewritten, rendered, tokenized and length-filtered.
 
     Rows are tokenized in batches so sentencepiece can spread a batch over ``cfg.num_workers`` threads.
     Stops once ``cfg.num_rows`` rows are kept, without reading further.
@@ -416,11 +425,10 @@ def tokenize_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cf
     while True:
         wanted = cfg.num_rows - kept if cfg.num_rows else TOKENIZE_BATCH
         for record in rows:
-            progress.update()
             fields = check_fields(record)
             completion, reason = rewrite_with_reason(fields[1]) if isinstance(fields, tuple) else (None, fields)
             if completion is None:
-                drops[reason] += 1
+                yield RowResult(None, reason)
             else:
                 pending.append((fields[0], completion))
                 if len(pending) >= min(wanted, TOKENIZE_BATCH):
@@ -430,13 +438,9 @@ def tokenize_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cf
         prompt_ids = sp.encode([build_prompt(prompt) for prompt, _ in pending], num_threads=threads)
         completion_ids = sp.encode([completion for _, completion in pending], num_threads=threads)
         for (prompt, completion), p_ids, c_ids in zip(pending, prompt_ids, completion_ids, strict=True):
-            length = 2 + len(p_ids) + len(c_ids)
             example = example_from_ids(sp, p_ids, c_ids, cfg.max_len)
-            if example is None:
-                drops["too_long"] += 1
             kept += example is not None
-            yield prompt, completion, example, length
-        progress.set_postfix(kept=kept, refresh=False)
+            yield RowResult(example, "" if example else "too_long", prompt, completion, 2 + len(p_ids) + len(c_ids))
         pending = []
         if cfg.num_rows and kept >= cfg.num_rows:
             return
@@ -453,18 +457,23 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
             print(f"reusing the prepared data in {data_dir} (same source, tokenizer, max_len and packing)")
         return data_dir
 
-    drops: collections.Counter[str] = collections.Counter()
+    rows_read, drops = 0, collections.Counter()
     kept_rows: list[tuple[np.ndarray, np.ndarray]] = []
     row_lengths: list[int] = []
     held_out_texts: collections.deque[tuple[str, str]] = collections.deque(maxlen=d.eval_rows or None)
     total = d.stop - d.start if d.stop else None
     with tqdm(total=total, desc="rows read", unit="row", disable=not show_progress) as progress:
-        for prompt, completion, example, length in tokenize_rows(sp, read_source(d), d, drops, progress):
-            row_lengths.append(length)
-            if example is not None:
-                kept_rows.append(example)
-                held_out_texts.append((prompt, completion))
-        rows_read = progress.n
+        for row in process_rows(sp, read_source(d), d):
+            rows_read += 1
+            progress.update()
+            if row.drop_reason:
+                drops[row.drop_reason] += 1
+            if row.length:
+                row_lengths.append(row.length)
+            if row.example is not None:
+                kept_rows.append(row.example)
+                held_out_texts.append((row.prompt, row.completion))
+                progress.set_postfix(kept=len(kept_rows), refresh=False)
     if len(kept_rows) <= d.eval_rows:
         reasons = ", ".join(f"{n} {r}" for r, n in drops.most_common()) or "none"
         raise ConfigError(f"{d.source} gave {len(kept_rows)} usable rows of {rows_read} read (dropped: {reasons}); "

@@ -209,22 +209,27 @@ def summary_row(rng: random.Random) -> tuple[str, str, str]:
 
 def science_row(rng: random.Random) -> tuple[str, str, str]:
     question, facts, answer = rng.choice(SCIENCE)
-    reasoning = "\n".join([f"Let me think about this: {question}"] + [f"First, {facts[0]}."]
+    asked = rng.choice(["{}", "Can you explain this: {}", "Quick question. {}", "{} Please keep it short."])
+    opener = rng.choice(["Let me think about this:", "Let me recall the key facts for:", "I should explain simply:"])
+    reasoning = "\n".join([f"{opener} {question}", f"First, {facts[0]}."]
                           + [f"Then, {fact}." for fact in facts[1:]] + ["Putting these together gives the answer."])
-    return question, reasoning, answer
+    return asked.format(question), reasoning, answer
 
 
 def coding_row(rng: random.Random) -> tuple[str, str, str]:
     what, name, arg, idea, code = rng.choice(CODE_TASKS)
-    reasoning = (f"Let me think about a function that {what}.\nIt takes {arg} as input.\n"
-                 f"The idea is to {idea}.\nThen I return the result.")
+    asked = rng.choice(["Write a Python function `{}` that {}.", "In Python, implement `{}`: it {}.",
+                        "I need a Python function `{}` that {}. Can you write it?"])
+    opener = rng.choice(["Let me think about a function that", "I need code that", "The task: a function that"])
+    closer = rng.choice(["Then I return the result.", "Finally I return the result.", "It must work on small inputs."])
+    reasoning = f"{opener} {what}.\nIt takes {arg} as input.\nThe idea is to {idea}.\n{closer}"
     answer = f"```python\n{code}\n```\nThe function `{name}` {what}."
-    return f"Write a Python function `{name}({arg})` that {what}.", reasoning, answer
+    return asked.format(f"{name}({arg})", what), reasoning, answer
 
 
 def other_row(rng: random.Random) -> tuple[str, str, str]:
     goal, tips = rng.choice(list(ADVICE.items()))
-    picked = tips[:rng.randint(3, len(tips))]
+    picked = rng.sample(tips, rng.randint(3, len(tips)))
     reasoning = "\n".join([f"Let me think about how to {goal}."]
                           + [f"Step {i}: {tip}." for i, tip in enumerate(picked, 1)] + ["That covers the basics."])
     answer = f"To {goal}:\n" + "\n".join(f"- {tip.capitalize()}." for tip in picked)

@@ -1,0 +1,407 @@
+"""Tests of the data stage on the shipped sample and on small hand-made sources."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import jinja2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+import config
+import data_prep
+
+# Gemma-2-2b-it's chat_template, copied here independently of data_prep.GEMMA_CHAT_TEMPLATE.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+# The shipped sample: rows in the file, rows that pass the rewrite, rows within cpu-tiny's max_len 512.
+SAMPLE_READ, SAMPLE_USABLE, SAMPLE_KEPT = 323, 300, 286
+HELD_OUT = 24  # cpu-tiny's eval_rows
+
+
+def tiny_config(out_dir: Path, **overrides: object) -> config.Config:
+    return config.get_config("cpu-tiny", {"data.out_dir": str(out_dir)} | {k: str(v) for k, v in overrides.items()})
+
+
+@pytest.fixture(scope="module")
+def sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(config.TINY_TOKENIZER_PATH))
+
+
+def sample_rows(n: int, max_chars: int = 10**9) -> list[dict]:
+    """The first n usable rows of the shipped sample (no longer than max_chars)."""
+    rows = (r for r in data_prep.read_jsonl(config.SAMPLE_PATH, 0, 0) if isinstance(r, dict))
+    usable = (r for r in rows if isinstance(data_prep.check_fields(r), tuple) and data_prep.rewrite_response(
+        r["response"]) and len(r["prompt"] + r["response"]) <= max_chars)
+    return [next(usable) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict | bytes]) -> Path:
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return path
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+@pytest.mark.parametrize("response, expected", [
+    ("<think>\nR\n</think>\n\nA", "<reasoning>R</reasoning>\n<answer>A</answer>"),
+    ("  \n<think> step 1\r\nstep 2 </think>  x  =  1\r\n",
+     "<reasoning>step 1\r\nstep 2</reasoning>\n<answer>x  =  1</answer>"),
+    ("<think>a < b</think>\n\n```\ncode\n```", "<reasoning>a < b</reasoning>\n<answer>```\ncode\n```</answer>"),
+])
+def test_rewrite_keeps_inner_text_byte_for_byte(response: str, expected: str) -> None:
+    assert data_prep.rewrite_response(response) == expected
+
+
+@pytest.mark.parametrize("response, reason", [
+    ("just an answer", "no_think"),
+    ("<think>never closed, answer", "unclosed_think"),
+    ("<think>a</think>b<think>c</think>d", "multiple_think"),
+    ("<think>a</think>b<think>c", "multiple_think"),
+    ("Sure! <think>a</think>b", "text_before_think"),
+    ("</think><think>a</think>b", "text_before_think"),
+    ("<think>a</think>  \n ", "empty_answer"),
+    ("<think> \n </think>b", "empty_reasoning"),
+    ("<think>a<think>b</think>c", "nested_tags"),
+    *[(f"<think>a {tag} b</think>answer", "nested_tags") for tag in ("<reasoning>", "</reasoning>", "<answer>",
+                                                                      "</answer>")],
+    *[(f"<think>a</think>answer {tag} b", "nested_tags") for tag in ("</think>", "<reasoning>", "</reasoning>",
+                                                                      "<answer>", "</answer>")],
+])
+def test_rewrite_drops_with_named_reason(response: str, reason: str) -> None:
+    assert data_prep.rewrite_with_reason(response) == (None, reason)
+    assert data_prep.rewrite_response(response) is None
+
+
+# ----------------------------------------------------------------------------- prompt
+
+def test_prompt_matches_gemma_template_rendered_independently() -> None:
+    question = "  Why is the sky blue?\nExplain briefly.  "
+    messages = [{"role": "user", "content": f"{data_prep.INSTRUCTION}\n\n{question}"}]
+    rendered = jinja2.Environment().from_string(GEMMA_TEMPLATE).render(
+        messages=messages, bos_token="<bos>", add_generation_prompt=True)
+    assert rendered == "<bos>" + data_prep.build_prompt(question)
+    assert data_prep.build_prompt(question) == (
+        f"<start_of_turn>user\n{data_prep.INSTRUCTION}\n\n  Why is the sky blue?\nExplain briefly.<end_of_turn>\n"
+        "<start_of_turn>model\n")
+    assert "<reasoning>" in data_prep.INSTRUCTION and "<answer>" in data_prep.INSTRUCTION
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tiny_tokenizer_has_gemma_special_ids(sp: spm.SentencePieceProcessor) -> None:
+    assert sp.vocab_size() <= config.ModelConfig().vocab_size
+    assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert sp.id_to_piece(106) == "<start_of_turn>" and sp.id_to_piece(107) == "<end_of_turn>"
+    ids = sp.encode("<start_of_turn>user\n")
+    assert ids[0] == 106 and sp.decode(ids[1:]) == "user\n"
+    assert sp.encode("<end_of_turn>") == [107]
+    assert sp.decode(sp.encode("naïve 🙂\r\n  x")) == "naïve 🙂\r\n  x"  # byte fallback, whitespace kept
+
+
+def test_tiny_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
+    data_prep.build_tiny_tokenizer(config.SAMPLE_PATH, tmp_path / "tok.model")
+    assert (tmp_path / "tok.model").read_bytes() == config.TINY_TOKENIZER_PATH.read_bytes()
+
+
+def test_load_tokenizer_rejects_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        data_prep.load_tokenizer(config.ModelConfig(tokenizer_path=str(tmp_path / "none.model")))
+
+
+def test_kaggle_model_dir_uses_the_download_and_checks_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kagglehub.model_download", lambda handle: str(tmp_path))
+    model_cfg = config.ModelConfig()
+    with pytest.raises(config.ConfigError, match="lacks tokenizer.model and gemma2-2b-it"):
+        data_prep.kaggle_model_dir(model_cfg)
+    (tmp_path / "gemma2-2b-it").mkdir()
+    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
+    assert data_prep.kaggle_model_dir(model_cfg) == tmp_path
+    assert data_prep.tokenizer_file(model_cfg) == tmp_path / "tokenizer.model"
+    assert data_prep.load_tokenizer(model_cfg).piece_to_id("<end_of_turn>") == 107
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor) -> None:
+    prompt = data_prep.build_prompt("What is 2 + 3?")
+    completion = "<reasoning>2 + 3 = 5</reasoning>\n<answer>5</answer>"
+    tokens, loss_mask = data_prep.tokenize_example(sp, prompt, completion, max_len=512)
+    n_prompt = 1 + len(sp.encode(prompt))
+    assert tokens.dtype == loss_mask.dtype == np.int32 and len(tokens) == len(loss_mask)
+    assert tokens[0] == 2 and tokens[-1] == 107
+    assert not loss_mask[:n_prompt].any() and loss_mask[n_prompt:].all()
+    assert tokens[n_prompt - 1] == sp.encode("\n")[-1]  # the prompt ends "<start_of_turn>model\n"
+    assert sp.decode(tokens[1:n_prompt].tolist()) == prompt
+    assert sp.decode(tokens[loss_mask == 1].tolist()) == completion + "<end_of_turn>"
+
+
+def test_rows_over_max_len_are_dropped_not_truncated(sp: spm.SentencePieceProcessor) -> None:
+    prompt, completion = data_prep.build_prompt("q"), "<reasoning>r</reasoning>\n<answer>a</answer>"
+    n = len(data_prep.tokenize_example(sp, prompt, completion, max_len=10_000)[0])
+    assert len(data_prep.tokenize_example(sp, prompt, completion, max_len=n)[0]) == n
+    assert data_prep.tokenize_example(sp, prompt, completion, max_len=n - 1) is None
+
+
+def test_length_filter_on_the_sample(tiny_data_dir: Path, sp: spm.SentencePieceProcessor) -> None:
+    rows = sample_rows(SAMPLE_USABLE)
+    lengths = [len(data_prep.tokenize_example(sp, data_prep.build_prompt(r["prompt"]),
+                                              data_prep.rewrite_response(r["response"]), 10_000)[0]) for r in rows]
+    stats = json.loads((tiny_data_dir / "stats.json").read_text())
+    assert stats["dropped_by_reason"]["too_long"] == sum(n > 512 for n in lengths) > 0
+    row_offsets = np.load(tiny_data_dir / "train_row_offsets.npy")
+    assert np.diff(row_offsets).max() <= 512
+
+
+# ----------------------------------------------------------------------------- pack
+
+def test_pack_rows_places_every_row_once_within_max_len() -> None:
+    lengths = np.random.default_rng(0).integers(1, 100, size=500).tolist()
+    windows = data_prep.pack_rows(lengths, max_len=100, buffer_rows=64)
+    assert sorted(r for w in windows for r in w) == list(range(500))
+    assert all(sum(lengths[r] for r in w) <= 100 for w in windows)
+    assert sum(lengths) / (100 * len(windows)) > 0.9
+
+
+def segments(window: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
+    """The rows of one window, as token tuples, checked for consistent segment ids and positions on the way."""
+    ids, positions, tokens = window["segment_ids"], window["positions"], window["tokens"]
+    n = int((ids > 0).sum())
+    assert (ids[:n] > 0).all() and not ids[n:].any() and not positions[n:].any() and not tokens[n:].any()
+    assert not window["loss_mask"][n:].any()
+    rows = []
+    for segment in range(1, int(ids.max()) + 1):
+        where = np.flatnonzero(ids == segment)
+        assert len(where) and (np.diff(where) == 1).all()  # contiguous: no row is split
+        assert (positions[where] == np.arange(len(where))).all()  # positions restart per row
+        assert tokens[where[0]] == 2 and tokens[where[-1]] == 107  # BOS ... <end_of_turn>: exactly one row
+        rows.append(tuple(tokens[where].tolist()))
+    return rows
+
+
+def stored_rows(data_dir: Path, split: str) -> Counter:
+    tokens, offsets = np.load(data_dir / f"{split}_tokens.npy"), np.load(data_dir / f"{split}_row_offsets.npy")
+    return Counter(tuple(tokens[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+
+
+def test_windows_hold_whole_rows_with_restarting_positions(tiny_data_dir: Path) -> None:
+    source = data_prep.PackedWindows(tiny_data_dir, "train")
+    rows = Counter(row for i in range(len(source)) for row in segments(source[i]))
+    assert len(source) == data_prep.num_windows(tiny_data_dir) < sum(rows.values())  # packed: fewer windows
+    assert rows == stored_rows(tiny_data_dir, "train")
+    assert sum(rows.values()) == SAMPLE_KEPT - HELD_OUT
+
+
+def test_every_row_appears_once_per_epoch_reshuffled(tiny_data_dir: Path, sp: spm.SentencePieceProcessor) -> None:
+    n_windows, batch = data_prep.num_windows(tiny_data_dir), 4
+    loader = data_prep.train_loader(tiny_data_dir, batch_size=batch, seed=3)
+    windows = []
+    while len(windows) < 2 * n_windows:
+        b = next(loader)
+        assert set(b) == set(data_prep.BATCH_FIELDS)
+        assert all(v.shape == (batch, 512) and v.dtype == np.int32 for v in b.values())
+        windows += [{k: v[i] for k, v in b.items()} for i in range(batch)]
+    epochs = [windows[:n_windows], windows[n_windows:2 * n_windows]]
+    # Rows independently tokenized from the sample: every kept training row once per epoch.
+    kept = [e for r in sample_rows(SAMPLE_USABLE) if (e := data_prep.tokenize_example(
+        sp, data_prep.build_prompt(r["prompt"]), data_prep.rewrite_response(r["response"]), 512)) is not None]
+    expected = Counter(tuple(tokens.tolist()) for tokens, _ in kept[:-HELD_OUT])
+    for epoch in epochs:
+        assert Counter(row for w in epoch for row in segments(w)) == expected
+    assert [w["tokens"].tolist() for w in epochs[0]] != [w["tokens"].tolist() for w in epochs[1]]
+
+
+def test_loader_state_restores_the_same_next_batches(tiny_data_dir: Path) -> None:
+    loader = data_prep.train_loader(tiny_data_dir, batch_size=4, seed=0)
+    for _ in range(30):  # past the end of the first epoch
+        next(loader)
+    state = json.loads(json.dumps(loader.get_state()))
+    expected = [next(loader) for _ in range(3)]
+    resumed = data_prep.train_loader(tiny_data_dir, batch_size=4, seed=0)
+    resumed.set_state(state)
+    for batch in expected:
+        got = next(resumed)
+        assert all(np.array_equal(batch[k], got[k]) for k in batch)
+    other_seed = next(data_prep.train_loader(tiny_data_dir, batch_size=4, seed=1))
+    assert not np.array_equal(other_seed["tokens"], next(data_prep.train_loader(tiny_data_dir, 4, seed=0))["tokens"])
+
+
+def test_shards_are_disjoint_and_cover_the_split(tiny_data_dir: Path) -> None:
+    source = data_prep.PackedWindows(tiny_data_dir, "train")
+    seen = Counter()
+    for shard in range(2):
+        loader = data_prep.train_loader(tiny_data_dir, batch_size=2, seed=0, shard_index=shard, shard_count=2)
+        shard_windows = len(range(shard, len(source), 2))
+        windows = [t for _ in range(math.ceil(shard_windows / 2)) for t in next(loader)["tokens"].tolist()]
+        seen.update(tuple(t) for t in windows[:shard_windows])
+    assert seen == Counter(tuple(source[i]["tokens"].tolist()) for i in range(len(source)))
+
+
+def test_eval_batches_pad_and_repeat(tiny_data_dir: Path) -> None:
+    batches = data_prep.eval_batches(tiny_data_dir, batch_size=4)
+    n_windows = data_prep.num_windows(tiny_data_dir, "eval")
+    assert len(batches) == math.ceil(n_windows / 4) and all(b["tokens"].shape == (4, 512) for b in batches)
+    rows = Counter(row for b in batches for i in range(4) for row in segments({k: v[i] for k, v in b.items()}))
+    assert rows == stored_rows(tiny_data_dir, "eval") and sum(rows.values()) == HELD_OUT
+    padding = batches[-1]["segment_ids"][n_windows % 4 or 4:]
+    assert not padding.any() and not batches[-1]["loss_mask"][n_windows % 4 or 4:].any()
+    again = data_prep.eval_batches(tiny_data_dir, batch_size=4)
+    assert all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again, strict=True))
+
+
+def test_eval_prompts_are_the_held_out_rows(tiny_data_dir: Path) -> None:
+    held_out = [json.loads(line) for line in (tiny_data_dir / "eval_prompts.jsonl").read_text().splitlines()]
+    kept = [r for r in sample_rows(SAMPLE_USABLE) if len(data_prep.tokenize_example(
+        spm.SentencePieceProcessor(model_file=str(config.TINY_TOKENIZER_PATH)),
+        data_prep.build_prompt(r["prompt"]), data_prep.rewrite_response(r["response"]), 10_000)[0]) <= 512]
+    assert held_out == [{"prompt": r["prompt"], "reference": data_prep.rewrite_response(r["response"])}
+                        for r in kept[-HELD_OUT:]]
+
+
+# ----------------------------------------------------------------------------- store and cache
+
+def test_stats_and_manifest_on_the_sample(tiny_data_dir: Path) -> None:
+    stats = json.loads((tiny_data_dir / "stats.json").read_text())
+    manifest = json.loads((tiny_data_dir / "manifest.json").read_text())
+    assert (stats["rows_read"], stats["rows_kept"], stats["stopped_because"]) == (SAMPLE_READ, SAMPLE_KEPT,
+                                                                                 "source ended")
+    assert stats["rows_read"] == stats["rows_kept"] + stats["rows_dropped"] == SAMPLE_KEPT + sum(
+        stats["dropped_by_reason"].values())
+    train = stats["train"]
+    assert 0.85 < train["packing_efficiency"] <= 1 and train["efficiency_without_packing"] < 0.5
+    assert 0 < train["loss_token_share"] < 1 and train["completion_tokens"]["p50"] > 0
+    assert manifest["max_len"] == 512 and manifest["pack"] is True
+    assert manifest["counts"]["train_windows"] == train["windows"]
+    assert (tiny_data_dir / "row_lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path)
+    data_prep.prepare(cfg, show_progress=False)
+    reads = []
+    read_source = data_prep.read_source
+    monkeypatch.setattr(data_prep, "read_source", lambda d: reads.append(d) or read_source(d))
+    data_prep.prepare(cfg, show_progress=False)
+    assert reads == []  # reused
+    data_prep.prepare(tiny_config(tmp_path, **{"data.max_len": 384}), show_progress=False)
+    assert len(reads) == 1 and json.loads((tmp_path / "manifest.json").read_text())["max_len"] == 384
+    unpacked = tiny_config(tmp_path, **{"data.pack": "false"})
+    data_prep.prepare(unpacked, show_progress=False)
+    assert len(reads) == 2 and data_prep.num_windows(tmp_path) == SAMPLE_KEPT - HELD_OUT  # one row per window
+    tokenizer = tmp_path / "tok.model"
+    data_prep.build_tiny_tokenizer(config.SAMPLE_PATH, tokenizer, vocab_size=1024)
+    unpacked.model.tokenizer_path = str(tokenizer)
+    data_prep.prepare(unpacked, show_progress=False)
+    assert len(reads) == 3
+
+
+def test_workers_give_the_same_data(tmp_path: Path, tiny_data_dir: Path) -> None:
+    data_dir = data_prep.prepare(tiny_config(tmp_path, **{"data.num_workers": 2}), show_progress=False)
+    for name in ("train_tokens", "train_loss_mask", "train_row_offsets", "train_window_offsets"):
+        assert np.array_equal(np.load(data_dir / f"{name}.npy"), np.load(tiny_data_dir / f"{name}.npy"))
+
+
+def test_num_rows_stops_reading_early(tmp_path: Path) -> None:
+    data_dir = data_prep.prepare(tiny_config(tmp_path, **{"data.num_rows": 50, "data.eval_rows": 5}),
+                                 show_progress=False)
+    stats = json.loads((data_dir / "stats.json").read_text())
+    assert stats["rows_kept"] == 50 and stats["stopped_because"] == "num_rows kept"
+    assert stats["rows_read"] < 80 and stats["train"]["rows"] == 45 and stats["eval"]["rows"] == 5
+
+
+# ----------------------------------------------------------------------------- bad input and other sources
+
+def test_each_bad_row_is_counted_under_its_reason(tmp_path: Path) -> None:
+    good = sample_rows(3)
+    q, r = good[0]["prompt"], good[0]["response"]
+    cases = {
+        "no_think": {"prompt": q, "response": "no tags"},
+        "unclosed_think": {"prompt": q, "response": "<think>r"},
+        "multiple_think": {"prompt": q, "response": "<think>r</think>a<think>r</think>a"},
+        "text_before_think": {"prompt": q, "response": "x" + r},
+        "empty_answer": {"prompt": q, "response": "<think>r</think> "},
+        "empty_reasoning": {"prompt": q, "response": "<think></think>a"},
+        "nested_tags": {"prompt": q, "response": "<think>r</think><answer>a</answer>"},
+        "null_field": {"prompt": None, "response": r},
+        "non_string_field": {"prompt": q, "response": ["r"]},
+        "missing_column": {"response": r},
+        "empty_field": {"prompt": q, "response": ""},
+        "malformed_json": b'{"prompt": "q", "response": ',
+        "invalid_utf8": b'{"prompt": "\xff\xfe", "response": "<think>r</think>a"}',
+    }
+    lone_surrogate = b'{"prompt": "\\ud800", "response": "<think>r</think>a"}'
+    source = write_jsonl(tmp_path / "bad.jsonl", [*good, *cases.values(), lone_surrogate, b'[1, 2]'])
+    data_dir = data_prep.prepare(tiny_config(tmp_path / "out", **{"data.source": source, "data.eval_rows": 1}),
+                                 show_progress=False)
+    stats = json.loads((data_dir / "stats.json").read_text())
+    assert stats["dropped_by_reason"] == {reason: 1 for reason in cases} | {"invalid_utf8": 2, "malformed_json": 2}
+    assert stats["rows_kept"] == 3 and stats["rows_read"] == 3 + len(cases) + 2
+
+
+def test_unusable_sources_stop_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        data_prep.prepare(tiny_config(tmp_path, **{"data.source": tmp_path / "missing.jsonl"}), show_progress=False)
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "q", "response": "no think"}, b"{"])
+    with pytest.raises(config.ConfigError, match=r"gave 0 usable rows of 2 read \(dropped: 1 no_think, 1 malformed"):
+        data_prep.prepare(tiny_config(tmp_path, **{"data.source": broken}), show_progress=False)
+    wrong_columns = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"question": ["q"], "response": ["<think>r</think>a"]}), wrong_columns)
+    with pytest.raises(config.ConfigError, match="has no column 'prompt'"):
+        data_prep.prepare(tiny_config(tmp_path, **{"data.source": wrong_columns}), show_progress=False)
+    with pytest.raises(SystemExit, match="^error: .*does not exist"):
+        data_prep.main(["--preset", "cpu-tiny", "--data.source", str(tmp_path / "missing.jsonl"),
+                        "--data", str(tmp_path / "out")])
+
+
+def test_parquet_source_with_row_range(tmp_path: Path) -> None:
+    rows = sample_rows(40, max_chars=1000)  # all well within max_len
+    table = pa.table({"prompt": [r["prompt"] for r in rows] + [None],
+                      "response": [r["response"] for r in rows] + ["<think>r</think>a"]})
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=16)
+    cfg = tiny_config(tmp_path / "out", **{"data.source": tmp_path / "rows.parquet", "data.start": 30,
+                                           "data.eval_rows": 2})
+    stats = json.loads((data_prep.prepare(cfg, show_progress=False) / "stats.json").read_text())
+    assert stats["rows_read"] == 11 and stats["rows_kept"] == 10 and stats["dropped_by_reason"] == {"null_field": 1}
+    held_out = (tmp_path / "out" / "eval_prompts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in held_out] == [r["prompt"] for r in rows[38:40]]
+
+
+def test_hf_streaming_source_with_only_the_network_call_replaced(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = sample_rows(30, max_chars=1000)
+    calls = []
+
+    def fake_load_dataset(name: str, **kwargs: object) -> datasets.IterableDataset:
+        calls.append((name, kwargs))
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = tiny_config(tmp_path, **{"data.source": "glaiveai/reasoning-v1-20m", "data.start": 5, "data.stop": 25,
+                                   "data.eval_rows": 4})
+    stats = json.loads((data_prep.prepare(cfg, show_progress=False) / "stats.json").read_text())
+    assert calls == [("glaiveai/reasoning-v1-20m", {"split": "train", "streaming": True})]
+    assert stats["rows_read"] == 20 and stats["rows_kept"] == 20
+    held_out = [json.loads(line)["prompt"] for line in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
+    assert held_out == [r["prompt"] for r in rows[21:25]]
+
+
+def test_main_runs_the_tiny_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data_prep.main(["--preset", "cpu-tiny", "--data", str(tmp_path)])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith(f"kept {SAMPLE_KEPT} of {SAMPLE_READ} rows read")
+    assert f"{SAMPLE_USABLE - SAMPLE_KEPT} too_long" in last_line
+    assert last_line.endswith(f"wrote {tmp_path}")
