@@ -88,6 +88,7 @@ def _section(text: str, tags: dict[str, list[re.Match]], name: str) -> str | Non
 
 def _first_problem(text: str, tags: dict[str, list[re.Match]], reasoning: str | None, answer: str | None
                    ) -> str | None:
+    """The first failure reason of check_format's list, or None for a well-formed completion."""
     for name in ("reasoning", "answer"):
         opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
         if not opens and not closes:
@@ -137,9 +138,13 @@ def eval_prompts(cfg: Config, data_dir: Path) -> list[dict]:
             raise ConfigError(f"--eval.prompts {path} does not exist: pass a .jsonl or a text file of prompts")
         prompts = load_prompts(path)
     elif cfg.model.name == "tiny":
-        prompts = load_prompts(data_dir / "eval_prompts.jsonl", default_domain="held-out")
+        path = data_dir / "eval_prompts.jsonl"
+        prompts = load_prompts(path, default_domain="held-out")
     else:
-        prompts = load_prompts(PROMPTS_PATH)
+        path = PROMPTS_PATH
+        prompts = load_prompts(path)
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts: pass --prompts FILE or raise --data.eval_rows")
     return prompts[:cfg.eval.num_prompts or None]
 
 
@@ -169,7 +174,7 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
         began = time.perf_counter()
         out = sampler(chunk + chunk[-1:] * (batch_size - len(chunk)), max_generation_steps=ecfg.max_new_tokens,
                       max_prompt_length=prompt_len, eos_tokens=stop_ids,
-                      forbidden_tokens=undecodable or None, **sampling)
+                      forbidden_tokens=undecodable, **sampling)
         seconds = time.perf_counter() - began
         # The sampler cuts each output before its first stop token: a full-length output never stopped.
         lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
@@ -207,7 +212,7 @@ def summarize(records: list[dict], losses: dict[str, dict] | None = None) -> dic
             "failures": dict(Counter(r["reason"] for r in rows if r["reason"]).most_common()),
             **_length_stats(rows, "reasoning_tokens"),
             **_length_stats(rows, "answer_tokens"),
-            "truncation_rate": statistics.mean(r["truncated"] for r in rows),
+            "truncation_rate": statistics.fmean(r["truncated"] for r in rows),
             "tokens_per_s": statistics.mean(speeds[1:] or speeds),
             "domains": {domain: _compliance([r for r in rows if r["domain"] == domain])
                         for domain in dict.fromkeys(r["domain"] for r in rows)},
@@ -219,7 +224,7 @@ def summarize(records: list[dict], losses: dict[str, dict] | None = None) -> dic
 
 def _compliance(rows: list[dict]) -> dict[str, float]:
     return {"samples": len(rows), "compliant": sum(r["format_ok"] for r in rows),
-            "compliance": statistics.mean(r["format_ok"] for r in rows)}
+            "compliance": statistics.fmean(r["format_ok"] for r in rows)}
 
 
 def _length_stats(rows: list[dict], key: str) -> dict[str, float | None]:
@@ -228,32 +233,35 @@ def _length_stats(rows: list[dict], key: str) -> dict[str, float | None]:
             f"{key}_median": statistics.median(values) if values else None}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+# Rows of the headline table: label, the summary key it needs, and how a model's cell shows it.
+HEADLINE_ROWS = [
+    ("format compliance", "compliance", lambda x: f"{x['compliance']:.1%} ({x['compliant']}/{x['samples']})"),
+    ("truncation rate", "truncation_rate", lambda x: f"{x['truncation_rate']:.1%}"),
+    ("reasoning tokens, mean / median", "reasoning_tokens_mean",
+     lambda x: f"{x['reasoning_tokens_mean']:.1f} / {x['reasoning_tokens_median']:.1f}"),
+    ("answer tokens, mean / median", "answer_tokens_mean",
+     lambda x: f"{x['answer_tokens_mean']:.1f} / {x['answer_tokens_median']:.1f}"),
+    ("generation tokens/s", "tokens_per_s", lambda x: f"{x['tokens_per_s']:.1f}"),
+    ("eval loss", "loss", lambda x: f"{x['loss']:.4f}"),
+    ("eval perplexity", "perplexity", lambda x: f"{x['perplexity']:.3f}"),
+]
+
+
 def summary_tables(summary: dict[str, dict]) -> str:
-    """Markdown tables, one column per model: the headline numbers, failure reasons and per-domain compliance."""
+    """Markdown tables, one column per model: the headline numbers, failure reasons and per-domain compliance.
+
+    A row shows only when some model has its number (no generation rows with --loss-only); "—" marks a
+    number that could not be computed, such as lengths when no section parsed.
+    """
     models = list(summary)
     s = [summary[m] for m in models]
-    rows = [
-        ["format compliance"] + [f"{_fmt(x.get('compliance'), '.1%')} ({x.get('compliant', 0)}/{x.get('samples', 0)})"
-                                 for x in s],
-        ["truncation rate"] + [_fmt(x.get("truncation_rate"), ".1%") for x in s],
-        ["reasoning tokens, mean / median"] + [
-            f"{_fmt(x.get('reasoning_tokens_mean'), '.1f')} / {_fmt(x.get('reasoning_tokens_median'), '.1f')}"
-            for x in s],
-        ["answer tokens, mean / median"] + [
-            f"{_fmt(x.get('answer_tokens_mean'), '.1f')} / {_fmt(x.get('answer_tokens_median'), '.1f')}" for x in s],
-        ["generation tokens/s"] + [_fmt(x.get("tokens_per_s"), ".1f") for x in s],
-        ["eval loss"] + [_fmt(x.get("loss"), ".4f") for x in s],
-        ["eval perplexity"] + [_fmt(x.get("perplexity"), ".3f") for x in s],
-    ]
+    rows = [[label] + ["—" if x.get(key) is None else cell(x) for x in s]
+            for label, key, cell in HEADLINE_ROWS if any(key in x for x in s)]
     parts = [_table(["metric", *models], rows)]
     reasons = list(dict.fromkeys(r for x in s for r in x.get("failures", {})))
     if reasons:
@@ -279,9 +287,11 @@ def _fenced(text: str) -> str:
 def render_report(records: list[dict], summary: dict[str, dict], meta: dict) -> str:
     """report.md: what was evaluated, the summary tables, then a few full samples per domain, models side by side."""
     lines = [f"# Evaluation of {meta['run']} (step {meta['step']})", "",
-             f"Preset `{meta['preset']}`; {meta['prompts']} prompts; decoding: {meta['decoding']}.", "",
-             "Lengths count the samples whose section parsed; tokens/s leaves out the first batch "
-             "(compilation) when there are others.", "", summary_tables(summary)]
+             f"Preset `{meta['preset']}`; {meta['prompts']} prompts; decoding: {meta['decoding']}.", ""]
+    if records:
+        lines += ["Lengths count the samples whose section parsed; tokens/s leaves out the first batch "
+                  "(compilation) when there are others.", ""]
+    lines.append(summary_tables(summary))
     by_prompt: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         by_prompt.setdefault((r["domain"], r["prompt"]), []).append(r)

@@ -8,7 +8,7 @@ import pytest
 import data_prep
 import eval_samples
 import train_sft
-from config import TINY_TOKENIZER_PATH, get_config
+from config import ConfigError, get_config
 from eval_samples import check_format
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
@@ -76,6 +76,9 @@ def test_eval_prompts_choice(tmp_path):
     (tmp_path / "mine.txt").write_text("only one\n")
     own = get_config("cpu-tiny", {"eval.prompts": str(tmp_path / "mine.txt")})
     assert eval_samples.eval_prompts(own, tmp_path) == [{"domain": "custom", "prompt": "only one"}]
+    (tmp_path / "eval_prompts.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        eval_samples.eval_prompts(get_config("cpu-tiny"), tmp_path)
 
 
 def _record(model, domain, text, truncated=False, batch=0, speed=100.0, prompt=0):
@@ -134,11 +137,10 @@ def test_loss_only_report_has_losses_and_no_samples(tmp_path):
     eval_samples.write_outputs(tmp_path, [], summary, {"run": "r", "step": 1, "preset": "p", "prompts": 0,
                                                        "decoding": "none"})
     report = (tmp_path / "report.md").read_text()
-    assert "| eval loss | 1.0000 |" in report and "## Samples" not in report
+    assert "| eval loss | 1.0000 |" in report and "## Samples" not in report and "compliance" not in report
     assert not (tmp_path / "lengths.png").exists()
 
 
-@pytest.mark.skipif(not TINY_TOKENIZER_PATH.exists(), reason="the tiny tokenizer asset is not built yet")
 def test_generate_with_the_tiny_model():
     cfg = get_config("cpu-tiny", {"eval.max_new_tokens": "16", "eval.batch_size": "2"})
     tokenizer = data_prep.load_tokenizer(cfg.model)
@@ -152,3 +154,8 @@ def test_generate_with_the_tiny_model():
         assert 0 < r["generated_tokens"] <= 16 and r["truncated"] == (r["generated_tokens"] == 16)
         assert r["tokens_per_s"] > 0 and isinstance(r["output"], str)
         assert check_format(r["output"], r["truncated"]) == (r["format_ok"], r["reason"], r["reasoning"], r["answer"])
+
+
+def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: run directory .*missing does not exist"):
+        eval_samples.main(["--preset", "cpu-tiny", "--run", str(tmp_path / "missing")])
