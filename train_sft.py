@@ -96,12 +96,23 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
     nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
 
 
-def random_tiny_state(abstract_state: nnx.State, seed: int) -> nnx.State:
-    """Stand-in weights for the tiny model, drawn on the host: every tensor random (Tunix's own init zeroes
-    the MLP kernels and norm scales, which would leave the MLP and its LoRA with zero gradient)."""
+def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> nnx.State:
+    """Stand-in weights for the tiny model, drawn on the host with fan-in scaling. Every tensor is random:
+    Tunix's own init zeroes MLP kernels and norm scales (zero MLP and MLP-LoRA gradients), and its small
+    embedding would cap the logits so that no LoRA could make a confident prediction."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: (rng.standard_normal(a.shape, dtype=np.float32)
-                                   * (0.1 if len(a.shape) == 1 else a.shape[0] ** -0.5)), abstract_state)
+
+    def draw(path: Any, leaf: Any) -> np.ndarray:
+        name = jax.tree_util.keystr(path)
+        if len(leaf.shape) == 1:
+            std = 0.1  # norm scales: RMSNorm multiplies by 1 + scale
+        elif "attn_vec_einsum" in name or "down_proj" in name:
+            std = math.prod(leaf.shape[:-1]) ** -0.5  # writes back to the residual stream
+        else:
+            std = embed_dim ** -0.5  # reads the residual stream (the embedding also projects to logits)
+        return rng.standard_normal(leaf.shape, dtype=np.float32) * std
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_state)
 
 
 def kaggle_checkpoint_path(model_cfg: ModelConfig) -> Path:
@@ -115,17 +126,22 @@ def kaggle_checkpoint_path(model_cfg: ModelConfig) -> Path:
 
 def _convert_kaggle_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> nnx.State:
     """Kaggle's linen-layout params -> the NNX state of our model, checking every shape (Tunix checks none)."""
+    source = kaggle_checkpoint_path(model_cfg)
     with jax.default_device(jax.devices("cpu")[0]):
-        params = gemma_params.load_and_format_params(str(kaggle_checkpoint_path(model_cfg)))
-        model = gemma_lib.module_from_linen_variables(
-            module_factory=lambda: gemma_lib.Gemma(gemma_config(model_cfg), rngs=nnx.Rngs(params=0)),
-            variables=params["transformer"],
-            map_key_fn=gemma_lib._map_linen_var_names,  # from_params knows only the published sizes
-            assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+        params = gemma_params.load_and_format_params(str(source))
+        try:
+            model = gemma_lib.module_from_linen_variables(
+                module_factory=lambda: gemma_lib.Gemma(gemma_config(model_cfg), rngs=nnx.Rngs(params=0)),
+                variables=params["transformer"],
+                map_key_fn=gemma_lib._map_linen_var_names,  # from_params knows only the published sizes
+                assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+        except ValueError as err:  # a tensor the model does not have
+            raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} "
+                              f"({str(err).splitlines()[0]}): use the checkpoint of that model") from None
     state, expected = nnx.state(model), nnx.state(abstract)
     for (path, got), (_, want) in zip(state.flat_state(), expected.flat_state(), strict=True):
         if tuple(got.shape) != tuple(want.shape):
-            raise ConfigError(f"checkpoint {kaggle_checkpoint_path(model_cfg)} has {'/'.join(map(str, path))} of "
+            raise ConfigError(f"checkpoint {source} has {'/'.join(map(str, path))} of "
                               f"shape {tuple(got.shape)} but --model.name {model_cfg.name} expects "
                               f"{tuple(want.shape)}: use the checkpoint of that model")
     return state
@@ -154,7 +170,7 @@ def load_base_model(cfg: Config, mesh: jax.sharding.Mesh) -> gemma_lib.Gemma:
     shardings = nnx.get_named_sharding(abstract_state, mesh)
     cached = None
     if cfg.model.name == "tiny" and not cfg.model.checkpoint_dir:
-        state = random_tiny_state(abstract_state, cfg.model.init_seed)
+        state = random_tiny_state(abstract_state, cfg.model.init_seed, cfg.model.embed_dim)
     elif (cached := _cached_nnx_checkpoint(cfg.model, abstract)) is None:
         state = _convert_kaggle_checkpoint(cfg.model, abstract)
     if cached is None:

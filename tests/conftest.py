@@ -18,3 +18,23 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped sample prepared with the cpu-tiny preset into a temporary directory."""
     cfg = config.get_config("cpu-tiny", {"data.out_dir": str(tmp_path_factory.mktemp("cpu_tiny_data"))})
     return data_prep.prepare(cfg, show_progress=False)
+
+
+TINY_RUN_STEPS = 12
+
+
+def tiny_run_config(out_dir: Path, data_dir: Path, **overrides: str) -> config.Config:
+    """cpu-tiny, cut to a short run that evaluates and checkpoints every few steps."""
+    settings = {"run.out_dir": str(out_dir), "data.out_dir": str(data_dir), "run.max_steps": str(TINY_RUN_STEPS),
+                "run.eval_every": "4", "run.checkpoint_every_steps": "4", "run.eval_batches": "1"}
+    return config.get_config("cpu-tiny", settings | overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
+    """A short cpu-tiny training run, shared by the training, evaluation and export tests."""
+    import train_sft
+
+    run_dir = tmp_path_factory.mktemp("cpu_tiny_run") / "run"
+    train_sft.train(tiny_run_config(run_dir, tiny_data_dir), tiny_data_dir)
+    return run_dir
