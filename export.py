@@ -1,0 +1,284 @@
+"""Stage 4: merge a run's LoRA into Gemma2's weights and export them, for Tunix or for Hugging Face.
+
+    python export.py --preset kaggle --run runs/kaggle --format orbax --out exports/kaggle
+    python export.py --preset kaggle --run runs/kaggle --format hf --out exports/kaggle-hf
+    python export.py --preset unrestricted --run runs/unrestricted --format orbax --out exports/unrestricted \\
+        --upload USER/gemma2-2b-tunix-reasoning/jax/unrestricted
+
+``orbax`` writes the Kaggle Flax layout that ``tunix.models.gemma.params.load_and_format_params``
+reads (OUT/gemma2-2b-it/ + OUT/tokenizer.model), so OUT also works as ``--model.checkpoint_dir``
+of train_sft.py: this is the unrestricted-mode submission. ``hf`` writes a ``Gemma2ForCausalLM``
+directory (config.json, model.safetensors, tokenizer files) for transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from safetensors.numpy import save_file
+from tunix.models.gemma import model as gemma_lib
+
+import data_prep
+import train_sft
+from config import Config, ConfigError, config_from_argv
+
+FORMATS = ("orbax", "hf")
+# Gemma derivatives are published under the Gemma terms.
+LICENSE_NAME = "Gemma"
+# NNX module names whose Kaggle (linen) checkpoint name differs: the inverse of Tunix's _map_linen_var_names.
+LINEN_NAMES = {"post_attn_norm": "post_attention_norm", "gate_proj": "gating_einsum", "down_proj": "linear"}
+
+Params = dict[tuple[str | int, ...], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def lora_delta(module: nnx.Module, weight: str, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+    """A @ B laid out like the module's weight (before the alpha/rank scale).
+
+    qwix gives an ``Einsum`` A over the weight's axes the input shares (then rank) and B over
+    rank then the remaining axes, both in the weight's axis order; an ``nnx.Linear`` kernel gets
+    plain (in, rank) @ (rank, out).
+    """
+    if not hasattr(module, "einsum_str"):
+        return (lora_a @ lora_b).reshape(getattr(module, weight).shape)
+    lhs, rhs = module.einsum_str.split("->")[0].split(",")
+    a_axes = "".join(c for c in rhs if c in lhs)
+    b_axes = "".join(c for c in rhs if c not in lhs)
+    return jnp.einsum(f"{a_axes}r,r{b_axes}->{rhs}", lora_a, lora_b)
+
+
+def merged_params(model: nnx.Module, alpha: float, rank: int) -> Params:
+    """Every base weight of a LoRA model, with its LoRA delta (scaled by alpha/rank) added, on the host.
+
+    The sum is taken in float32 and stored in the base weight's dtype, so a bf16 model stays bf16.
+    """
+    base_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam is a Param subclass
+    params = {path: v.get_value() for path, v in nnx.state(model, base_weights).flat_state()}
+    loras = {path: v.get_value() for path, v in nnx.state(model, nnx.LoRAParam).flat_state()}
+    for path, lora_a in loras.items():
+        if not str(path[-1]).endswith("_lora_a"):
+            continue
+        weight = str(path[-1]).removesuffix("_lora_a")
+        target = (*path[:-1], weight)
+        module = functools.reduce(lambda m, k: m[k] if isinstance(k, int) else getattr(m, k), path[:-1], model)
+        delta = lora_delta(module, weight, lora_a.astype(jnp.float32), loras[(*path[:-1], f"{weight}_lora_b")]
+                           .astype(jnp.float32))
+        base = params[target]
+        params[target] = (base.astype(jnp.float32) + delta * (alpha / rank)).astype(base.dtype)
+    return {path: np.asarray(jax.device_get(value)) for path, value in params.items()}
+
+
+def load_merged(cfg: Config, run_dir: Path, step: int | None = None) -> tuple[Params, int]:
+    """Builds the base model and LoRA as training does, restores the run's LoRA and merges it."""
+    mesh = train_sft.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        model = train_sft.build_model(cfg, mesh)
+        step = train_sft.restore_lora(model, run_dir, step)
+        return merged_params(model, cfg.lora.alpha, cfg.lora.rank), step
+
+
+# ----------------------------------------------------------------------------- Kaggle Flax (orbax) layout
+
+
+def kaggle_layout(params: Params) -> dict[str, dict[str, np.ndarray]]:
+    """NNX paths -> the Kaggle checkpoint's flat keys (``transformer/layer_0/attn/q_einsum`` -> {"w": ...}),
+    with gate and up projections stacked into ``mlp/gating_einsum`` as Kaggle ships them."""
+    tree: dict[str, dict[str, np.ndarray]] = {}
+    for path, value in params.items():
+        *module, leaf = path
+        if module[-1] == "up_proj":
+            continue  # stacked under gate_proj
+        if module[-1] == "gate_proj":
+            value = np.stack([value, params[(*module[:-1], "up_proj", leaf)]])
+        names: list[str] = ["transformer"]
+        for key in module:
+            if isinstance(key, int):
+                names[-1] = f"layer_{key}"  # ("layers", 3) -> "layer_3"
+            else:
+                names.append(LINEN_NAMES.get(key, key))
+        tree["/".join(names)] = {"w" if leaf == "kernel" else leaf: value}
+    return tree
+
+
+def variation(cfg: Config) -> str:
+    """The checkpoint folder's name: the variation of the model's Kaggle handle (owner/model/framework/variation)."""
+    return cfg.model.kaggle_handle.rstrip("/").split("/")[3]
+
+
+def write_orbax(params: Params, cfg: Config, out_dir: Path) -> Path:
+    """OUT/<variation>/ (orbax, Kaggle layout) + OUT/tokenizer.model; returns the checkpoint folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / variation(cfg)).resolve()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, kaggle_layout(params), force=True)
+    shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
+    return path
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+
+def hf_state_dict(params: Params, num_layers: int) -> dict[str, np.ndarray]:
+    """NNX weights -> ``Gemma2ForCausalLM`` names and (out, in) layouts; HF's RMSNorm also scales by 1 + weight."""
+
+    def heads(w: np.ndarray) -> np.ndarray:  # (heads, D, H) -> (heads * H, D)
+        return w.transpose(0, 2, 1).reshape(-1, w.shape[1])
+
+    sd = {"model.embed_tokens.weight": params[("embedder", "input_embedding")],
+          "model.norm.weight": params[("final_norm", "scale")]}
+    for i in range(num_layers):
+        def p(*key: str, i: int = i) -> np.ndarray:
+            return params[("layers", i, *key)]
+
+        kv, out = p("attn", "kv_einsum", "w"), p("attn", "attn_vec_einsum", "w")
+        layer = {
+            "self_attn.q_proj": heads(p("attn", "q_einsum", "w")),
+            "self_attn.k_proj": heads(kv[0]),
+            "self_attn.v_proj": heads(kv[1]),
+            "self_attn.o_proj": out.reshape(-1, out.shape[-1]).T,
+            "mlp.gate_proj": p("mlp", "gate_proj", "kernel").T,
+            "mlp.up_proj": p("mlp", "up_proj", "kernel").T,
+            "mlp.down_proj": p("mlp", "down_proj", "kernel").T,
+            "input_layernorm": p("pre_attention_norm", "scale"),
+            "post_attention_layernorm": p("post_attn_norm", "scale"),
+            "pre_feedforward_layernorm": p("pre_ffw_norm", "scale"),
+            "post_feedforward_layernorm": p("post_ffw_norm", "scale"),
+        }
+        sd.update({f"model.layers.{i}.{name}.weight": value for name, value in layer.items()})
+    return {name: np.ascontiguousarray(value) for name, value in sd.items()}
+
+
+def hf_config(mc: gemma_lib.ModelConfig, dtype: str, special_ids: dict[str, int]) -> dict[str, Any]:
+    """config.json of Gemma2ForCausalLM for Tunix's model config: same sizes, softcaps and layer pattern.
+
+    Tunix scales queries by head_dim**-0.5, hence query_pre_attn_scalar = head_dim.
+    """
+    layer_types = ["sliding_attention" if t == gemma_lib.AttentionType.LOCAL_SLIDING else "full_attention"
+                   for t in mc.attention_types]
+    return {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "vocab_size": mc.num_embed, "hidden_size": mc.embed_dim, "intermediate_size": mc.hidden_dim,
+        "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_heads,
+        "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "attention_bias": False, "attention_dropout": 0.0, "query_pre_attn_scalar": mc.head_dim,
+        "sliding_window": mc.sliding_window_size, "layer_types": layer_types,
+        "final_logit_softcapping": mc.final_logit_softcap, "attn_logit_softcapping": mc.attn_logits_soft_cap,
+        "tie_word_embeddings": True, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
+        **{f"{name}_token_id": i for name, i in special_ids.items()},
+    }
+
+
+def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
+    """config.json, generation_config.json, model.safetensors and the tokenizer files with Gemma's chat template."""
+    mc = train_sft.gemma_config(cfg.model)
+    sp = data_prep.load_tokenizer(cfg.model)
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(params, mc.num_layers), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(mc, cfg.model.dtype, ids), indent=2) + "\n")
+    # Greedy by default, as declared for the hackathon; a turn ends at <end_of_turn>.
+    generation = {"bos_token_id": ids["bos"], "pad_token_id": ids["pad"], "do_sample": False,
+                  "eos_token_id": [ids["eos"], sp.piece_to_id(data_prep.END_OF_TURN)]}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    tokenizer_config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                        "model_max_length": 8192, "chat_template": data_prep.GEMMA_CHAT_TEMPLATE,
+                        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"], **special}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def has_kaggle_credentials() -> bool:
+    """KAGGLE_USERNAME/KAGGLE_KEY in the environment, or ~/.kaggle/kaggle.json (KAGGLE_CONFIG_DIR if set)."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return True
+    return (Path(os.environ.get("KAGGLE_CONFIG_DIR", "~/.kaggle")).expanduser() / "kaggle.json").is_file()
+
+
+def upload(out_dir: Path, handle: str, notes: str) -> bool:
+    """Publishes out_dir as a new version of the Kaggle model handle; without credentials prints how to."""
+    if len(handle.split("/")) != 4:
+        raise ConfigError(f"--upload {handle!r} is not a Kaggle model handle: use OWNER/MODEL/FRAMEWORK/VARIATION, "
+                          f"e.g. USER/gemma2-2b-tunix-reasoning/jax/unrestricted")
+    if not has_kaggle_credentials():
+        print("no Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json): to publish, "
+              "set them and run\n"
+              f"  python -c \"import kagglehub; kagglehub.model_upload({handle!r}, {str(out_dir.resolve())!r}, "
+              f"license_name={LICENSE_NAME!r}, version_notes={notes!r})\"")
+        return False
+    import kagglehub
+
+    kagglehub.model_upload(handle, str(out_dir.resolve()), license_name=LICENSE_NAME, version_notes=notes)
+    print(f"uploaded {out_dir} to https://www.kaggle.com/models/{'/'.join(handle.split('/')[:2])}")
+    return True
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None = None,
+           upload_handle: str = "") -> Path:
+    """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(FORMATS)}")
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    params, step = load_merged(cfg, run_dir, step)
+    if fmt == "orbax":
+        where = write_orbax(params, cfg, out_dir)
+        print(f"wrote {where} (Kaggle Flax layout) and {out_dir / 'tokenizer.model'}: load it with "
+              f"--model.checkpoint_dir {out_dir}")
+    else:
+        write_hf(params, cfg, out_dir)
+        print(f"wrote {out_dir} (Hugging Face Gemma2ForCausalLM, {cfg.model.dtype})")
+    (out_dir / "export.json").write_text(json.dumps(
+        {"run": str(run_dir), "step": step, "format": fmt, "preset": cfg.preset, "model": cfg.model.name,
+         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}}, indent=2) + "\n")
+    if upload_handle:
+        upload(out_dir, upload_handle, f"{cfg.preset} run {run_dir.name}, step {step}, LoRA merged ({fmt})")
+    return out_dir
+
+
+def _flags() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run", required=True, help="run directory written by train_sft.py --out DIR")
+    parser.add_argument("--format", choices=FORMATS, default="orbax",
+                        help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    parser.add_argument("--upload", default="", metavar="HANDLE",
+                        help="publish to this Kaggle model handle (OWNER/MODEL/FRAMEWORK/VARIATION)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg, args = config_from_argv(argv, __doc__.splitlines()[0], _flags())
+    try:
+        return export(cfg, Path(args.run), args.format, Path(args.out), args.step, args.upload)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Export: a restored LoRA equals the trained one, and the merged orbax and HF exports give the same logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_run_config
+from flax import nnx
+from tunix.models.gemma import model as gemma_lib
+from tunix.models.gemma import params as gemma_params
+
+import config
+import data_prep
+import export
+import train_sft
+
+
+def logits_of(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
+    """The model's logits over tokens [B, L] as one causal row each."""
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    mask = train_sft.packed_attention_mask(jnp.ones(tokens.shape, jnp.int32))
+    logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), None, mask)
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_data_dir: Path) -> np.ndarray:
+    return data_prep.eval_batches(tiny_data_dir, 2)[0]["tokens"][:, :48]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> config.Config:
+    return config.get_config("cpu-tiny")
+
+
+@pytest.fixture(scope="module")
+def restored(tiny_run_dir: Path, tiny_cfg: config.Config, tokens: np.ndarray) -> dict:
+    """tiny_run_dir's final LoRA on the base model, as training builds it: its logits, base and merged weights."""
+    mesh = train_sft.make_mesh(tiny_cfg)
+    with jax.set_mesh(mesh):
+        model = train_sft.build_model(tiny_cfg, mesh)
+        train_sft.restore_lora(model, tiny_run_dir)
+        return {"logits": logits_of(model, tokens),
+                "base": {p: np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()},
+                "merged": export.merged_params(model, tiny_cfg.lora.alpha, tiny_cfg.lora.rank)}
+
+
+def test_restored_lora_matches_the_trained_model(tiny_data_dir: Path, tmp_path: Path, tokens: np.ndarray,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+    build_model = train_sft.build_model
+    monkeypatch.setattr(train_sft, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    cfg = tiny_run_config(tmp_path / "run", tiny_data_dir, **{"run.max_steps": "2", "run.eval_every": "100"})
+    train_sft.train(cfg, tiny_data_dir)
+    mesh = train_sft.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        trained = logits_of(built[0], tokens)
+        fresh = build_model(cfg, mesh)
+        before = logits_of(fresh, tokens)
+        assert train_sft.restore_lora(fresh, tmp_path / "run") == 2
+        np.testing.assert_array_equal(logits_of(fresh, tokens), trained)
+    assert np.abs(trained - before).max() > 1e-3  # the two steps changed the model
+
+
+def test_merge_changes_exactly_the_lora_targets(restored: dict) -> None:
+    base, merged = restored["base"], restored["merged"]
+    assert set(merged) == {p for p in base if not str(p[-1]).endswith(("_lora_a", "_lora_b"))}
+    changed = {p[2:] for p in merged if not np.array_equal(merged[p], base[p])}
+    assert changed == {("attn", m, "w") for m in ("q_einsum", "kv_einsum", "attn_vec_einsum")} | {
+        ("mlp", m, "kernel") for m in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_orbax_export_loads_in_train_sft_and_tunix(restored: dict, tiny_cfg: config.Config, tokens: np.ndarray,
+                                                   tmp_path: Path) -> None:
+    orbax_dir = tmp_path / "orbax"
+    export.write_orbax(restored["merged"], tiny_cfg, orbax_dir)
+    assert (orbax_dir / "tokenizer.model").is_file()
+    cfg = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(orbax_dir)})
+    mesh = train_sft.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        merged = train_sft.build_model(cfg, mesh, with_lora=False)
+        np.testing.assert_allclose(logits_of(merged, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
+    params = gemma_params.load_and_format_params(str(orbax_dir / "gemma2-2b-it"))
+    tunix_model = gemma_lib.module_from_linen_variables(
+        module_factory=lambda: gemma_lib.Gemma(train_sft.gemma_config(cfg.model), rngs=nnx.Rngs(params=0)),
+        variables=params["transformer"], map_key_fn=gemma_lib._map_linen_var_names,
+        assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+    np.testing.assert_allclose(logits_of(tunix_model, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_matches_in_transformers(tiny_run_dir: Path, restored: dict, tokens: np.ndarray,
+                                           tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = export.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--format", "hf", "--out",
+                       str(tmp_path / "hf")])
+    assert json.loads((out / "export.json").read_text())["step"] == train_sft.latest_step(tiny_run_dir)
+    model = transformers.Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, restored["logits"], rtol=1e-4, atol=1e-4)
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    assert template == data_prep.GEMMA_CHAT_TEMPLATE
+
+
+def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    summary = train_sft.main(["--preset", "cpu-tiny", "--init-from", str(tiny_run_dir), "--out", str(tmp_path / "u"),
+                              "--data", str(tiny_data_dir), "--max-steps", "1", "--run.eval_every", "100"])
+    assert summary["steps"] == 1
+    assert f"initialised LoRA from {tiny_run_dir} step {train_sft.latest_step(tiny_run_dir)}" in capsys.readouterr().out
+
+
+def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    assert not export.upload(tmp_path, "me/model/jax/unrestricted", "notes")
+    out = capsys.readouterr().out
+    assert f"kagglehub.model_upload('me/model/jax/unrestricted', '{tmp_path.resolve()}'" in out
+
+
+def test_upload_with_credentials_calls_kagglehub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kagglehub
+
+    calls = []
+    monkeypatch.setenv("KAGGLE_USERNAME", "me")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    monkeypatch.setattr(kagglehub, "model_upload", lambda *a, **k: calls.append((a, k)))
+    assert export.upload(tmp_path, "me/model/jax/unrestricted", "notes")
+    assert calls == [(("me/model/jax/unrestricted", str(tmp_path.resolve())),
+                      {"license_name": export.LICENSE_NAME, "version_notes": "notes"})]
+    with pytest.raises(config.ConfigError, match="OWNER/MODEL/FRAMEWORK/VARIATION"):
+        export.upload(tmp_path, "me/model", "notes")
