@@ -197,7 +197,8 @@ def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
                   "eos_token_id": [ids["eos"], sp.piece_to_id(data_prep.END_OF_TURN)]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
-    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    # The tokenizer's own piece names (<bos>, <eos>, ... in Gemma's), so the template's text maps to their ids.
+    special = {f"{name}_token": sp.id_to_piece(i) for name, i in {**ids, "unk": sp.unk_id()}.items()}
     tokenizer_config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
                         "model_max_length": 8192, "chat_template": data_prep.GEMMA_CHAT_TEMPLATE,
                         "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"], **special}

@@ -104,8 +104,14 @@ def test_hf_export_matches_in_transformers(tiny_run_dir: Path, restored: dict, t
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(logits, restored["logits"], rtol=1e-4, atol=1e-4)
-    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
-    assert template == data_prep.GEMMA_CHAT_TEMPLATE
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    sp = data_prep.load_tokenizer(config.get_config("cpu-tiny").model)
+    assert text == tokenizer.bos_token + data_prep.build_prompt("Why is the sky blue?").replace(
+        f"{data_prep.INSTRUCTION}\n\n", "")
+    assert tokenizer(text, add_special_tokens=False).input_ids == [sp.bos_id(), *sp.encode(text.removeprefix(
+        tokenizer.bos_token))]
 
 
 def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_dir: Path, tmp_path: Path,
