@@ -346,6 +346,7 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
         model = train_sft.build_model(cfg, mesh)
         step = train_sft.restore_lora(model, run_dir, step)
         data_dir = data_prep.prepare(cfg)  # reuses the training run's preparation when the settings match
+        train_sft.check_same_tokenizer(run_dir, data_dir)
         batches = data_prep.eval_batches(data_dir, cfg.run.micro_batch)
         tokenizer = data_prep.load_tokenizer(cfg.model)
         prompts = [] if loss_only else eval_prompts(cfg, data_dir)

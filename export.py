@@ -114,15 +114,10 @@ def kaggle_layout(params: Params) -> dict[str, dict[str, np.ndarray]]:
     return tree
 
 
-def variation(cfg: Config) -> str:
-    """The checkpoint folder's name: the variation of the model's Kaggle handle (owner/model/framework/variation)."""
-    return cfg.model.kaggle_handle.rstrip("/").split("/")[3]
-
-
 def write_orbax(params: Params, cfg: Config, out_dir: Path) -> Path:
     """OUT/<variation>/ (orbax, Kaggle layout) + OUT/tokenizer.model; returns the checkpoint folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = (out_dir / variation(cfg)).resolve()
+    path = (out_dir / data_prep.checkpoint_folder_names(cfg.model)[0]).resolve()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, kaggle_layout(params), force=True)
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")

@@ -115,18 +115,9 @@ def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> n
     return jax.tree_util.tree_map_with_path(draw, abstract_state)
 
 
-def kaggle_checkpoint_path(model_cfg: ModelConfig) -> Path:
-    """The orbax params folder inside a Kaggle Flax download (``<download>/gemma2-2b-it``)."""
-    path = data_prep.kaggle_model_dir(model_cfg) / model_cfg.kaggle_handle.rstrip("/").split("/")[-1]
-    if not path.is_dir():
-        raise ConfigError(f"no Kaggle Flax checkpoint at {path}: point --model.checkpoint_dir at the folder that "
-                          f"holds {path.name}/ and tokenizer.model")
-    return path
-
-
 def _convert_kaggle_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> nnx.State:
     """Kaggle's linen-layout params -> the NNX state of our model, checking every shape (Tunix checks none)."""
-    source = kaggle_checkpoint_path(model_cfg)
+    source = data_prep.kaggle_checkpoint_dir(model_cfg)
     with jax.default_device(jax.devices("cpu")[0]):
         params = gemma_params.load_and_format_params(str(source))
         try:
@@ -151,7 +142,7 @@ def _cached_nnx_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> Path
     """Converts the Kaggle checkpoint once into an NNX orbax checkpoint, keyed by model and source."""
     if not model_cfg.cache_dir:
         return None
-    source = str(kaggle_checkpoint_path(model_cfg).resolve())
+    source = str(data_prep.kaggle_checkpoint_dir(model_cfg).resolve())
     shapes = [(str(p), tuple(v.shape)) for p, v in nnx.state(abstract).flat_state()]
     key = hashlib.sha256(json.dumps([model_cfg.name, source, shapes]).encode()).hexdigest()[:12]
     path = Path(model_cfg.cache_dir).expanduser().resolve() / f"{model_cfg.name}-nnx-{key}"
@@ -367,6 +358,17 @@ def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None
     return step
 
 
+def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
+    """A LoRA trained on other token ids is silently meaningless: refuse it."""
+    path = run_dir / "config.json"
+    theirs = json.loads(path.read_text()).get("data_manifest", {}) if path.exists() else {}
+    ours = data_prep.read_manifest(data_dir)
+    if theirs.get("tokenizer_sha256", ours["tokenizer_sha256"]) != ours["tokenizer_sha256"]:
+        raise ConfigError(f"run {run_dir} was trained with tokenizer {theirs['tokenizer']} "
+                          f"(sha256 {theirs['tokenizer_sha256'][:12]}) but {data_dir} uses {ours['tokenizer']} "
+                          f"(sha256 {ours['tokenizer_sha256'][:12]}): set --model.tokenizer_path to the run's")
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``"layers/0/attn/q_einsum/w_lora_a" -> shape`` for a model state or a checkpoint's metadata alike."""
 
@@ -574,8 +576,11 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
     resume_step = latest_step(run_dir)
     if cfg.run.init_from and resume_step is None and latest_step(Path(cfg.run.init_from)) is None:
         raise ConfigError(f"--init-from {cfg.run.init_from} has no checkpoint: train that run first or fix the path")
+    if cfg.run.init_from:
+        check_same_tokenizer(Path(cfg.run.init_from), data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(
+        {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
 
     with mesh:
         model = build_model(cfg, mesh)

@@ -22,6 +22,7 @@ from flax import nnx
 from tunix.sft import peft_trainer
 
 import config
+import data_prep
 import train_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,7 +351,7 @@ def test_kaggle_model_lora_and_sharding_build_abstractly_on_8_devices():
         with mesh:
             model = nnx.eval_shape(lambda: train_sft.apply_lora(train_sft.abstract_model(cfg.model), cfg, None))
         shardings = nnx.get_named_sharding(nnx.state(model), mesh)
-        specs = {str(p): str(s.spec) for p, s in shardings.flat_state()}
+        specs = {str(p): list(s.spec) for p, s in shardings.flat_state()}
         print(json.dumps({"total": train_sft.count_params(model),
                           "lora": train_sft.count_params(model, nnx.LoRAParam),
                           "live_arrays": len(jax.live_arrays()),
@@ -367,4 +368,14 @@ def test_kaggle_model_lora_and_sharding_build_abstractly_on_8_devices():
     assert result["lora"] == lora == 79_233_024
     assert result["total"] == base + lora
     assert result["live_arrays"] == 0 and result["rss_gb"] < 3  # nothing of the 2.6B was allocated
-    assert result["embedding"] == "PartitionSpec('tp', 'fsdp')" and result["gate"] == "PartitionSpec('fsdp', 'tp')"
+    assert result["embedding"] == ["tp", "fsdp"] and result["gate"] == ["fsdp", "tp"]
+
+
+def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_path):
+    recorded = json.loads((tiny_run_dir / "config.json").read_text())
+    assert recorded["data_manifest"]["tokenizer_sha256"] == data_prep.read_manifest(tiny_data_dir)["tokenizer_sha256"]
+    train_sft.check_same_tokenizer(tiny_run_dir, tiny_data_dir)  # its own data: accepted
+    recorded["data_manifest"]["tokenizer_sha256"] = "0" * 64
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
+        train_sft.check_same_tokenizer(tmp_path, tiny_data_dir)
