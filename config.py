@@ -197,11 +197,11 @@ def _cpu_tiny() -> Config:
     cfg.data.max_len = 512
     cfg.data.pack_buffer = 256
     cfg.data.out_dir = "data/cpu-tiny"
-    cfg.optim.learning_rate = 3e-3
+    cfg.optim.learning_rate = 1e-2
     cfg.optim.warmup_ratio = 0.05
     cfg.run.out_dir = "runs/cpu-tiny"
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 1
-    cfg.run.epochs = 6.0
+    cfg.run.epochs = 12.0
     cfg.run.time_budget_min = 30.0
     cfg.run.eval_every = 25
     cfg.run.eval_batches = 2
