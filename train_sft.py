@@ -22,6 +22,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from tunix.sft import hooks, metrics_logger, peft_trainer
 import data_prep
 from config import Config, ConfigError, ModelConfig, config_from_argv
 
-log = logging.getLogger("train_sft")
+# Tunix 0.1.7's trainer and model read the mesh from the legacy `with mesh:` context (jax.set_mesh does not set it).
+warnings.filterwarnings("ignore", message="`with mesh:` context manager has been deprecated")
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # Peak dense bf16 FLOP/s of one device, by jax device_kind, for model FLOPs utilisation.
@@ -587,8 +589,8 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
         if cfg.run.init_from and resume_step is None:
             step = restore_lora(model, cfg.run.init_from)
             print(f"initialised LoRA from {cfg.run.init_from} step {step} (fresh optimizer)")
-        plan = StepPlan(planned_steps(cfg.run.epochs, windows, cfg.effective_batch, cfg.run.max_steps),
-                        cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
+        data_steps = planned_steps(cfg.run.epochs, windows, cfg.effective_batch, cfg.run.max_steps)
+        plan = StepPlan(data_steps, cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
         checkpoint_policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(cfg.run.checkpoint_every_steps),
             ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
@@ -629,10 +631,10 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
             monitor.jsonl.close()
 
     summary = {
-        "steps": trainer.train_steps, "planned_steps": plan.total_steps,
+        "steps": trainer.train_steps, "data_steps": data_steps, "planned_steps": plan.total_steps,
         "epochs": trainer.train_steps * cfg.effective_batch / windows,
         "tokens_seen": trainer.train_steps * cfg.effective_batch * cfg.data.max_len,
-        "wall_s": time.time() - started, "stopped_early": trainer.train_steps < plan.total_steps,
+        "wall_s": time.time() - started, "stopped_early": trainer.train_steps < data_steps,
         "final_loss": _last(run_dir / "metrics.jsonl", "loss"),
         "final_eval_loss": _last(run_dir / "metrics.jsonl", "eval_loss"),
         "checkpoint": str(run_dir / CHECKPOINT_SUBDIR / str(latest_step(run_dir))),

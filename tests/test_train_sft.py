@@ -87,6 +87,22 @@ def test_monitor_caps_the_plan_and_stops_before_the_deadline(tmp_path):
     assert monitor.should_stop()
 
 
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_the_optimizer_runs_at_the_planned_learning_rate(tiny_model, tmp_path, grad_accum):
+    import optax
+
+    cfg = config.get_config("cpu-tiny")
+    plan = train_sft.StepPlan(100, 1e-2, 0.1, 0.1)
+    tx = train_sft.make_optimizer(cfg, plan)
+    optimizer = nnx.Optimizer(tiny_model, optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx,
+                              wrt=nnx.LoRAParam)  # as PeftTrainer wraps it
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None)
+    for step in (0, 5, 60):
+        monitor.on_train_step_start(SimpleNamespace(train_steps=step, optimizer=optimizer))
+        lr = train_sft._learning_rate_variable(optimizer).get_value()
+        assert lr.dtype == jnp.float32 and float(lr) == pytest.approx(plan.learning_rate(step), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- masks and loss
 
 
@@ -323,6 +339,7 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
         from flax import nnx
         import config, train_sft
         cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "3",
+            "run.grad_accum": "2",
             "run.eval_every": "3", "run.eval_batches": "1", "run.out_dir": "{tmp_path / 'fsdp8'}",
             "data.out_dir": "{tiny_data_dir}"}})
         summary = train_sft.train(cfg, cfg.data.out_dir and __import__("pathlib").Path(cfg.data.out_dir))
@@ -379,3 +396,13 @@ def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
         train_sft.check_same_tokenizer(tmp_path, tiny_data_dir)
+
+
+def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
+    budget_s = 50.0
+    cfg = tiny_run_config(tmp_path / "budget", tiny_data_dir, **{"run.max_steps": "0",
+                                                                  "run.time_budget_min": str(budget_s / 60)})
+    summary = train_sft.train(cfg, tiny_data_dir)
+    assert summary["stopped_early"] and 0 < summary["steps"] <= summary["planned_steps"] < summary["data_steps"]
+    assert summary["wall_s"] < budget_s + 10  # the final save and the summary fit in the reserve
+    assert train_sft.latest_step(tmp_path / "budget") == summary["steps"]
