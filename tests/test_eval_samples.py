@@ -159,3 +159,24 @@ def test_generate_with_the_tiny_model():
 def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: run directory .*missing does not exist"):
         eval_samples.main(["--preset", "cpu-tiny", "--run", str(tmp_path / "missing")])
+
+
+def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "eval"
+    eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out), "--compare-base",
+                       "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2",
+                       "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == train_sft.latest_step(tiny_run_dir)
+    tuned, base = summary["models"]["tuned"], summary["models"]["base"]
+    assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["model"] for r in samples) == ["base", "base", "tuned", "tuned"]
+    assert f"{tuned['loss']:.4f}" in (out / "report.md").read_text()
+    assert (out / "lengths.png").stat().st_size > 0
+
+
+def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .* holds model tiny with LoRA rank 16"):
+        eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(tmp_path),
+                           "--data.out_dir", str(tiny_data_dir), "--lora.rank", "8", "--loss-only"])
