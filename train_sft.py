@@ -12,7 +12,6 @@ a re-run of the same command resumes -> metrics (TensorBoard, metrics.jsonl, los
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -234,19 +233,19 @@ def loss_fn(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, position
     return jnp.sum(nll * weights) / jnp.maximum(loss_tokens, 1.0), {"loss_tokens": loss_tokens}
 
 
+@nnx.jit
+def _nll_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    inputs = gen_model_input(batch)
+    weights = inputs["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = token_losses(model, inputs["tokens"], inputs["positions"], inputs["attention_mask"])
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
 def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over batches, without training."""
-
-    @nnx.jit
-    def batch_sums(model, batch):
-        inputs = gen_model_input(batch)
-        weights = inputs["loss_mask"][:, 1:].astype(jnp.float32)
-        nll = token_losses(model, inputs["tokens"], inputs["positions"], inputs["attention_mask"])
-        return jnp.sum(nll * weights), jnp.sum(weights)
-
     total, count = 0.0, 0.0
     for batch in batches:
-        nll_sum, weight_sum = batch_sums(model, batch)
+        nll_sum, weight_sum = _nll_sums(model, batch)
         total, count = total + float(nll_sum), count + float(weight_sum)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": int(count)}
@@ -654,7 +653,7 @@ def _last(metrics_path: Path, key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg, _ = config_from_argv(argv, "LoRA SFT of Gemma2 with Tunix", argparse.ArgumentParser(add_help=False))
+    cfg, _ = config_from_argv(argv, "LoRA SFT of Gemma2 with Tunix")
     argv = sys.argv[1:] if argv is None else argv
     try:
         maybe_initialize_distributed()
