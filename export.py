@@ -238,8 +238,7 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
     """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(FORMATS)}")
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    step = train_sft.checkpoint_step(run_dir, step)  # fail before any heavy work
     params, step = load_merged(cfg, run_dir, step)
     if fmt == "orbax":
         where = write_orbax(params, cfg, out_dir)

@@ -333,6 +333,25 @@ def latest_step(run_dir: Path) -> int | None:
         return mgr.latest_step()
 
 
+def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
+    """The checkpoint step to load from a run directory (its latest by default), checked before any model
+    is built: a missing run, checkpoint or step stops with one line."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    ckpt_dir = run_dir / CHECKPOINT_SUBDIR
+    steps = []
+    if ckpt_dir.is_dir():
+        with ocp.CheckpointManager(ckpt_dir.resolve()) as mgr:
+            steps = list(mgr.all_steps())
+    if not steps:
+        raise ConfigError(f"no checkpoint in {ckpt_dir}: train first with "
+                          f"`python train_sft.py --out {run_dir}` or point at another run directory")
+    if step is not None and step not in steps:
+        raise ConfigError(f"{run_dir} has no checkpoint at step {step}: it has steps {sorted(steps)}")
+    return max(steps) if step is None else step
+
+
 def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None) -> int:
     """Loads the LoRA weights of another run directory into model; returns the step it loaded.
 
@@ -340,17 +359,12 @@ def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None
     another model size or LoRA rank.
     """
     run_dir = Path(run_dir)
-    step = latest_step(run_dir) if step is None else step
-    if step is None:
-        raise ConfigError(f"no checkpoint in {run_dir / CHECKPOINT_SUBDIR}: train first with "
-                          f"`python train_sft.py --out {run_dir}` or point at another run directory")
+    step = checkpoint_step(run_dir, step)
     target = nnx.state(model, nnx.LoRAParam)
     with ocp.CheckpointManager(
             (run_dir / CHECKPOINT_SUBDIR).resolve(),
             item_handlers={"model_params": ocp.PyTreeCheckpointHandler(),
                            "optimizer_state": ocp.PyTreeCheckpointHandler()}) as mgr:
-        if step not in mgr.all_steps():
-            raise ConfigError(f"{run_dir} has no checkpoint at step {step}: it has steps {mgr.all_steps()}")
         saved = mgr.item_metadata(step)["model_params"]
         _check_compatible(run_dir, saved, target)
         restored = mgr.restore(step, args=ocp.args.Composite(model_params=ocp.args.PyTreeRestore(
@@ -575,8 +589,8 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
     mesh = make_mesh(cfg)
     windows = data_prep.num_windows(data_dir, "train")
     resume_step = latest_step(run_dir)
-    if cfg.run.init_from and resume_step is None and latest_step(Path(cfg.run.init_from)) is None:
-        raise ConfigError(f"--init-from {cfg.run.init_from} has no checkpoint: train that run first or fix the path")
+    if cfg.run.init_from and resume_step is None:
+        checkpoint_step(cfg.run.init_from)  # fail before any heavy work
     if cfg.run.init_from:
         check_same_tokenizer(Path(cfg.run.init_from), data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
