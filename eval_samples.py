@@ -41,7 +41,6 @@ import train_sft
 from config import ASSETS_DIR, Config, ConfigError, EvalConfig, config_from_argv
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
-END_OF_TURN = "<end_of_turn>"
 SAMPLES_PER_DOMAIN = 2  # full samples shown in report.md for each domain
 
 # -----------------------------------------------------------------------------
@@ -69,7 +68,7 @@ def check_format(text: str, truncated: bool = False) -> FormatCheck:
     then ``wrong_order`` (a closing tag before its opening tag, or the answer before the
     reasoning), ``nested_tags`` (overlapping sections), ``text_outside_tags``, ``empty_*``.
     """
-    text = text.strip().removesuffix(END_OF_TURN)
+    text = text.strip().removesuffix(data_prep.END_OF_TURN)
     tags: dict[str, list[re.Match]] = {}
     for match in TAG_RE.finditer(text):
         tags.setdefault(match.group(), []).append(match)
@@ -162,7 +161,7 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
     mc = model.config
     sampler = Sampler(model, tokenizer, CacheConfig(prompt_len + ecfg.max_new_tokens, mc.num_layers,
                                                      mc.num_kv_heads, mc.head_dim))
-    stop_ids = [tokenizer.piece_to_id(END_OF_TURN), tokenizer.eos_id()]
+    stop_ids = [tokenizer.piece_to_id(data_prep.END_OF_TURN), tokenizer.eos_id()]
     # The embedding table is padded past the tokenizer's pieces; such ids cannot be decoded, so never sample them.
     undecodable = range(tokenizer.get_piece_size(), mc.num_embed)
     # Temperature 0 is the sampler's greedy mode; it takes top_p/top_k only for sampling.
@@ -339,8 +338,7 @@ def write_outputs(out_dir: Path, records: list[dict], summary: dict[str, dict], 
 def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path | None = None,
              compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
     """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    step = train_sft.checkpoint_step(run_dir, step)  # fail before any heavy work
     mesh = train_sft.make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = train_sft.build_model(cfg, mesh)
