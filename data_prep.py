@@ -21,6 +21,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,14 +30,13 @@ from typing import Any, NamedTuple
 import datasets
 import grain
 import jinja2.sandbox
-import kagglehub
 import matplotlib
 import numpy as np
 import pyarrow.parquet as pq
 import sentencepiece as spm
 from tqdm import tqdm
 
-from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv
+from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, kaggle_model_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -116,36 +116,75 @@ def build_prompt(prompt: str) -> str:
     return _CHAT_TEMPLATE.render(messages=messages, bos_token="", add_generation_prompt=True)
 
 
+# ----------------------------------------------------------------------------- the format check (of generated outputs)
+
+TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
+
+
+class FormatCheck(NamedTuple):
+    """Whether a completion is well-formed; if not, the first problem found. Sections are stripped."""
+
+    ok: bool
+    reason: str | None
+    reasoning: str | None
+    answer: str | None
+
+
+def check_format(text: str, truncated: bool = False) -> FormatCheck:
+    """Checks for exactly one non-empty ``<reasoning>`` section, then one non-empty ``<answer>``, and nothing else.
+
+    ``truncated`` says generation hit the token limit before ``<end_of_turn>``: such an output
+    fails as ``truncated`` whatever it holds, because the model never chose to stop. A trailing
+    ``<end_of_turn>`` is ignored. Failure reasons, checked in this order: per section
+    ``missing_*``, ``duplicate_tags``, ``unopened_*`` (closing tag only), ``unclosed_*``;
+    then ``wrong_order`` (a closing tag before its opening tag, or the answer before the
+    reasoning), ``nested_tags`` (overlapping sections), ``text_outside_tags``, ``empty_*``.
+    """
+    text = text.strip().removesuffix(END_OF_TURN)
+    tags: dict[str, list[re.Match]] = {}
+    for match in TAG_RE.finditer(text):
+        tags.setdefault(match.group(), []).append(match)
+    reasoning, answer = _section(text, tags, "reasoning"), _section(text, tags, "answer")
+    reason = "truncated" if truncated else _first_problem(text, tags, reasoning, answer)
+    return FormatCheck(reason is None, reason, reasoning, answer)
+
+
+def _section(text: str, tags: dict[str, list[re.Match]], name: str) -> str | None:
+    """The stripped text between the single opening and closing tag of ``name``, if they are in order."""
+    opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
+    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
+        return None
+    return text[opens[0].end():closes[0].start()].strip()
+
+
+def _first_problem(text: str, tags: dict[str, list[re.Match]], reasoning: str | None, answer: str | None
+                   ) -> str | None:
+    """The first failure reason of check_format's list, or None for a well-formed completion."""
+    for name in ("reasoning", "answer"):
+        opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
+        if not opens and not closes:
+            return f"missing_{name}"
+        if len(opens) > 1 or len(closes) > 1:
+            return "duplicate_tags"
+        if not opens:
+            return f"unopened_{name}"
+        if not closes:
+            return f"unclosed_{name}"
+    r_open, r_close, a_open, a_close = (tags[t][0] for t in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"))
+    if r_close.start() < r_open.start() or a_close.start() < a_open.start() or a_close.start() < r_open.start():
+        return "wrong_order"
+    if a_open.start() < r_close.start():
+        return "nested_tags"
+    if (text[:r_open.start()] + text[r_close.end():a_open.start()] + text[a_close.end():]).strip():
+        return "text_outside_tags"
+    if not reasoning:
+        return "empty_reasoning"
+    if not answer:
+        return "empty_answer"
+    return None
+
+
 # ----------------------------------------------------------------------------- 3. tokenizer
-
-def checkpoint_folder_names(model_cfg: ModelConfig) -> list[str]:
-    """Names the orbax params folder of a Kaggle Flax download may have: the handle's variation (handles read
-    owner/model/framework/variation, as Google's uploads are laid out), or gemma2-2b-it (this project's
-    exports, whatever variation they are uploaded as). Exports are written under the first name."""
-    return list(dict.fromkeys([model_cfg.kaggle_handle.rstrip("/").split("/")[3], "gemma2-2b-it"]))
-
-
-def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
-    """The Kaggle Flax download (or its local copy): the only network call of the pipeline."""
-    if model_cfg.checkpoint_dir:
-        model_dir = Path(model_cfg.checkpoint_dir).expanduser()
-    else:
-        model_dir = Path(kagglehub.model_download(model_cfg.kaggle_handle))
-    folders = checkpoint_folder_names(model_cfg)
-    missing = [name for name in ("tokenizer.model",) if not (model_dir / name).exists()]
-    if not any((model_dir / name).is_dir() for name in folders):
-        missing.append(" or ".join(f"{name}/" for name in folders))
-    if missing:
-        raise ConfigError(f"{model_dir} lacks {' and '.join(missing)}: set --model.checkpoint_dir to the "
-                          f"Kaggle Flax download of {model_cfg.kaggle_handle}")
-    return model_dir
-
-
-def kaggle_checkpoint_dir(model_cfg: ModelConfig) -> Path:
-    """The orbax params folder inside the Kaggle Flax download."""
-    model_dir = kaggle_model_dir(model_cfg)
-    return next(model_dir / name for name in checkpoint_folder_names(model_cfg) if (model_dir / name).is_dir())
-
 
 def tokenizer_file(model_cfg: ModelConfig) -> Path:
     """``--model.tokenizer_path`` if set, else the sentencepiece model of the Kaggle download."""

@@ -23,94 +23,18 @@ import json
 import re
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
-import sentencepiece as spm
-from flax import nnx
 from matplotlib.figure import Figure
-from tqdm import tqdm
-from tunix.generate.sampler import CacheConfig, Sampler
-from tunix.generate.utils import next_power_of_2
 
 import data_prep
-import train_sft
 from config import ASSETS_DIR, Config, ConfigError, EvalConfig, config_from_argv
+from model import build_model, check_same_tokenizer, checkpoint_step, evaluate_loss, generate, make_mesh, restore_lora
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
 SAMPLES_PER_DOMAIN = 2  # full samples shown in report.md for each domain
-
-# -----------------------------------------------------------------------------
-# The format check
-
-TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
-
-
-class FormatCheck(NamedTuple):
-    """Whether a completion is well-formed; if not, the first problem found. Sections are stripped."""
-
-    ok: bool
-    reason: str | None
-    reasoning: str | None
-    answer: str | None
-
-
-def check_format(text: str, truncated: bool = False) -> FormatCheck:
-    """Checks for exactly one non-empty ``<reasoning>`` section, then one non-empty ``<answer>``, and nothing else.
-
-    ``truncated`` says generation hit the token limit before ``<end_of_turn>``: such an output
-    fails as ``truncated`` whatever it holds, because the model never chose to stop. A trailing
-    ``<end_of_turn>`` is ignored. Failure reasons, checked in this order: per section
-    ``missing_*``, ``duplicate_tags``, ``unopened_*`` (closing tag only), ``unclosed_*``;
-    then ``wrong_order`` (a closing tag before its opening tag, or the answer before the
-    reasoning), ``nested_tags`` (overlapping sections), ``text_outside_tags``, ``empty_*``.
-    """
-    text = text.strip().removesuffix(data_prep.END_OF_TURN)
-    tags: dict[str, list[re.Match]] = {}
-    for match in TAG_RE.finditer(text):
-        tags.setdefault(match.group(), []).append(match)
-    reasoning, answer = _section(text, tags, "reasoning"), _section(text, tags, "answer")
-    reason = "truncated" if truncated else _first_problem(text, tags, reasoning, answer)
-    return FormatCheck(reason is None, reason, reasoning, answer)
-
-
-def _section(text: str, tags: dict[str, list[re.Match]], name: str) -> str | None:
-    """The stripped text between the single opening and closing tag of ``name``, if they are in order."""
-    opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
-    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
-        return None
-    return text[opens[0].end():closes[0].start()].strip()
-
-
-def _first_problem(text: str, tags: dict[str, list[re.Match]], reasoning: str | None, answer: str | None
-                   ) -> str | None:
-    """The first failure reason of check_format's list, or None for a well-formed completion."""
-    for name in ("reasoning", "answer"):
-        opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
-        if not opens and not closes:
-            return f"missing_{name}"
-        if len(opens) > 1 or len(closes) > 1:
-            return "duplicate_tags"
-        if not opens:
-            return f"unopened_{name}"
-        if not closes:
-            return f"unclosed_{name}"
-    r_open, r_close, a_open, a_close = (tags[t][0] for t in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"))
-    if r_close.start() < r_open.start() or a_close.start() < a_open.start() or a_close.start() < r_open.start():
-        return "wrong_order"
-    if a_open.start() < r_close.start():
-        return "nested_tags"
-    if (text[:r_open.start()] + text[r_close.end():a_open.start()] + text[a_close.end():]).strip():
-        return "text_outside_tags"
-    if not reasoning:
-        return "empty_reasoning"
-    if not answer:
-        return "empty_answer"
-    return None
-
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -145,50 +69,6 @@ def eval_prompts(cfg: Config, data_dir: Path) -> list[dict]:
     if not prompts:
         raise ConfigError(f"{path} holds no prompts: pass --prompts FILE or raise --data.eval_rows")
     return prompts[:cfg.eval.num_prompts or None]
-
-
-# -----------------------------------------------------------------------------
-# Generation
-
-
-def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: list[dict], ecfg: EvalConfig,
-             name: str) -> list[dict]:
-    """Generates a completion per prompt in batches and checks and measures each (one record per sample)."""
-    texts = [data_prep.build_prompt(p["prompt"]) for p in prompts]
-    # One padded prompt length and batch size for every batch, so the sampler compiles once (+1: the <bos> it adds).
-    prompt_len = next_power_of_2(max(len(tokenizer.encode(t)) for t in texts) + 1)
-    batch_size = min(ecfg.batch_size, len(texts))
-    mc = model.config
-    sampler = Sampler(model, tokenizer, CacheConfig(prompt_len + ecfg.max_new_tokens, mc.num_layers,
-                                                     mc.num_kv_heads, mc.head_dim))
-    stop_ids = [tokenizer.piece_to_id(data_prep.END_OF_TURN), tokenizer.eos_id()]
-    # The embedding table is padded past the tokenizer's pieces; such ids cannot be decoded, so never sample them.
-    undecodable = range(tokenizer.get_piece_size(), mc.num_embed)
-    # Temperature 0 is the sampler's greedy mode; it takes top_p/top_k only for sampling.
-    sampling = {} if ecfg.temperature <= 0 else dict(
-        temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k, seed=ecfg.seed)
-    records = []
-    for batch, start in enumerate(tqdm(range(0, len(texts), batch_size), desc=f"generate {name}", unit="batch")):
-        chunk = texts[start:start + batch_size]
-        began = time.perf_counter()
-        out = sampler(chunk + chunk[-1:] * (batch_size - len(chunk)), max_generation_steps=ecfg.max_new_tokens,
-                      max_prompt_length=prompt_len, eos_tokens=stop_ids,
-                      forbidden_tokens=undecodable, **sampling)
-        seconds = time.perf_counter() - began
-        # The sampler cuts each output before its first stop token: a full-length output never stopped.
-        lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
-        for prompt, text, length in zip(prompts[start:start + batch_size], out.text, lengths, strict=False):
-            truncated = length >= ecfg.max_new_tokens
-            check = check_format(text, truncated)
-            records.append({
-                "model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
-                "reasoning": check.reasoning, "answer": check.answer, "format_ok": check.ok, "reason": check.reason,
-                "reasoning_tokens": None if check.reasoning is None else len(tokenizer.encode(check.reasoning)),
-                "answer_tokens": None if check.answer is None else len(tokenizer.encode(check.answer)),
-                "truncated": truncated, "generated_tokens": length,
-                "batch": batch, "tokens_per_s": sum(lengths) / seconds,
-            })
-    return records
 
 
 # -----------------------------------------------------------------------------
@@ -338,13 +218,13 @@ def write_outputs(out_dir: Path, records: list[dict], summary: dict[str, dict], 
 def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path | None = None,
              compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
     """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
-    step = train_sft.checkpoint_step(run_dir, step)  # fail before any heavy work
-    mesh = train_sft.make_mesh(cfg)
+    step = checkpoint_step(run_dir, step)  # fail before any heavy work
+    mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
-        model = train_sft.build_model(cfg, mesh)
-        step = train_sft.restore_lora(model, run_dir, step)
+        model = build_model(cfg, mesh)
+        step = restore_lora(model, run_dir, step)
         data_dir = data_prep.prepare(cfg)  # reuses the training run's preparation when the settings match
-        train_sft.check_same_tokenizer(run_dir, data_dir)
+        check_same_tokenizer(run_dir, data_dir)
         batches = data_prep.eval_batches(data_dir, cfg.run.micro_batch)
         tokenizer = data_prep.load_tokenizer(cfg.model)
         prompts = [] if loss_only else eval_prompts(cfg, data_dir)
@@ -353,10 +233,10 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
         for name in ("tuned", "base") if compare_base else ("tuned",):
             if name == "base":
                 del model  # free the tuned weights before loading the base ones
-                model = train_sft.build_model(cfg, mesh, with_lora=False)
+                model = build_model(cfg, mesh, with_lora=False)
             if not loss_only:
                 records += generate(model, tokenizer, prompts, cfg.eval, name)
-            losses[name] = train_sft.evaluate_loss(model, batches)
+            losses[name] = evaluate_loss(model, batches)
     meta = {"run": str(run_dir), "step": step, "preset": cfg.preset, "prompts": len(prompts),
             "decoding": "none (--loss-only)" if loss_only else _decoding(cfg.eval),
             "eval": dataclasses.asdict(cfg.eval)}
@@ -375,7 +255,7 @@ def _decoding(e: EvalConfig) -> str:
 
 def _flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--run", required=True, help="run directory written by train_sft.py --out DIR")
+    parser.add_argument("--run", required=True, help="run directory written by py --out DIR")
     parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
     parser.add_argument("--prompts", help="JSONL or text file of prompts (same as --eval.prompts)")

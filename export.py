@@ -7,14 +7,13 @@
 
 ``orbax`` writes the Kaggle Flax layout that ``tunix.models.gemma.params.load_and_format_params``
 reads (OUT/gemma2-2b-it/ + OUT/tokenizer.model), so OUT also works as ``--model.checkpoint_dir``
-of train_sft.py: this is the unrestricted-mode submission. ``hf`` writes a ``Gemma2ForCausalLM``
+of py: this is the unrestricted-mode submission. ``hf`` writes a ``Gemma2ForCausalLM``
 directory (config.json, model.safetensors, tokenizer files) for transformers and vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -23,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from safetensors.numpy import save_file
 from tunix.models.gemma import model as gemma_lib
 
 import data_prep
-import train_sft
-from config import Config, ConfigError, config_from_argv
+from config import Config, ConfigError, checkpoint_folder_names, config_from_argv
+from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
 
 FORMATS = ("orbax", "hf")
 # Gemma derivatives are published under the Gemma terms.
@@ -40,54 +37,16 @@ LICENSE_NAME = "Gemma"
 # NNX module names whose Kaggle (linen) checkpoint name differs: the inverse of Tunix's _map_linen_var_names.
 LINEN_NAMES = {"post_attn_norm": "post_attention_norm", "gate_proj": "gating_einsum", "down_proj": "linear"}
 
-Params = dict[tuple[str | int, ...], np.ndarray]
-
-
 # ----------------------------------------------------------------------------- merge
 
-
-def lora_delta(module: nnx.Module, weight: str, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-    """A @ B laid out like the module's weight (before the alpha/rank scale).
-
-    qwix gives an ``Einsum`` A over the weight's axes the input shares (then rank) and B over
-    rank then the remaining axes, both in the weight's axis order; an ``nnx.Linear`` kernel gets
-    plain (in, rank) @ (rank, out).
-    """
-    if not hasattr(module, "einsum_str"):
-        return (lora_a @ lora_b).reshape(getattr(module, weight).shape)
-    lhs, rhs = module.einsum_str.split("->")[0].split(",")
-    a_axes = "".join(c for c in rhs if c in lhs)
-    b_axes = "".join(c for c in rhs if c not in lhs)
-    return jnp.einsum(f"{a_axes}r,r{b_axes}->{rhs}", lora_a, lora_b)
-
-
-def merged_params(model: nnx.Module, alpha: float, rank: int) -> Params:
-    """Every base weight of a LoRA model, with its LoRA delta (scaled by alpha/rank) added, on the host.
-
-    The sum is taken in float32 and stored in the base weight's dtype, so a bf16 model stays bf16.
-    """
-    base_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam is a Param subclass
-    params = {path: v.get_value() for path, v in nnx.state(model, base_weights).flat_state()}
-    loras = {path: v.get_value() for path, v in nnx.state(model, nnx.LoRAParam).flat_state()}
-    for path, lora_a in loras.items():
-        if not str(path[-1]).endswith("_lora_a"):
-            continue
-        weight = str(path[-1]).removesuffix("_lora_a")
-        target = (*path[:-1], weight)
-        module = functools.reduce(lambda m, k: m[k] if isinstance(k, int) else getattr(m, k), path[:-1], model)
-        delta = lora_delta(module, weight, lora_a.astype(jnp.float32), loras[(*path[:-1], f"{weight}_lora_b")]
-                           .astype(jnp.float32))
-        base = params[target]
-        params[target] = (base.astype(jnp.float32) + delta * (alpha / rank)).astype(base.dtype)
-    return {path: np.asarray(jax.device_get(value)) for path, value in params.items()}
 
 
 def load_merged(cfg: Config, run_dir: Path, step: int | None = None) -> tuple[Params, int]:
     """Builds the base model and LoRA as training does, restores the run's LoRA and merges it."""
-    mesh = train_sft.make_mesh(cfg)
+    mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
-        model = train_sft.build_model(cfg, mesh)
-        step = train_sft.restore_lora(model, run_dir, step)
+        model = build_model(cfg, mesh)
+        step = restore_lora(model, run_dir, step)
         return merged_params(model, cfg.lora.alpha, cfg.lora.rank), step
 
 
@@ -117,7 +76,7 @@ def kaggle_layout(params: Params) -> dict[str, dict[str, np.ndarray]]:
 def write_orbax(params: Params, cfg: Config, out_dir: Path) -> Path:
     """OUT/<variation>/ (orbax, Kaggle layout) + OUT/tokenizer.model; returns the checkpoint folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = (out_dir / data_prep.checkpoint_folder_names(cfg.model)[0]).resolve()
+    path = (out_dir / checkpoint_folder_names(cfg.model)[0]).resolve()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, kaggle_layout(params), force=True)
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
@@ -181,7 +140,7 @@ def hf_config(mc: gemma_lib.ModelConfig, dtype: str, special_ids: dict[str, int]
 
 def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
     """config.json, generation_config.json, model.safetensors and the tokenizer files with Gemma's chat template."""
-    mc = train_sft.gemma_config(cfg.model)
+    mc = gemma_config(cfg.model)
     sp = data_prep.load_tokenizer(cfg.model)
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +197,7 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
     """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(FORMATS)}")
-    step = train_sft.checkpoint_step(run_dir, step)  # fail before any heavy work
+    step = checkpoint_step(run_dir, step)  # fail before any heavy work
     params, step = load_merged(cfg, run_dir, step)
     if fmt == "orbax":
         where = write_orbax(params, cfg, out_dir)
@@ -257,7 +216,7 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
 
 def _flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--run", required=True, help="run directory written by train_sft.py --out DIR")
+    parser.add_argument("--run", required=True, help="run directory written by py --out DIR")
     parser.add_argument("--format", choices=FORMATS, default="orbax",
                         help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
     parser.add_argument("--out", required=True, help="output directory")

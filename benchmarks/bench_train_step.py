@@ -1,7 +1,7 @@
 """LoRA SFT training-step throughput on CPU: this project's Tunix step vs the PyTorch/PEFT/TRL peer.
 
 The JAX side builds the project's model through its own code (``config.get_config("cpu-tiny", ...)`` at the
-peer's exact shape, ``train_sft.build_model``), wraps it in the project's ``SFTTrainer`` (Tunix PeftTrainer)
+peer's exact shape, ``model.build_model``), wraps it in the project's ``SFTTrainer`` (Tunix PeftTrainer)
 with ``train_sft.make_optimizer``, ``loss_fn`` and ``gen_model_input``, and times the trainer's own jitted
 train step (``trainer.jit_train_and_eval_step(cache_nnx_graph=True)``, what ``PeftTrainer.train`` calls each
 step) on fixed-shape random batches: ``shard_input`` + step + ``jax.block_until_ready`` on the loss. The peer is
@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 RESULTS_PATH = Path(__file__).with_name("results_train_step.md")
-PEER_SCRIPT = Path("/work/shared/bench/peer_trl_lora.py")
+PEER_SCRIPT = REPO_DIR.parent / "shared" / "bench" / "peer_trl_lora.py"  # ../shared beside the checkout
 PEER_PYTHON = Path("/tmp/peer-venv/bin/python")
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 # The peer README's jemalloc settings (retain memory: no page faults from re-mmapping big tensors every step).
@@ -76,21 +76,22 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
 
     import config
     import train_sft
+    from model import build_model, count_params, gen_model_input, loss_fn, make_mesh
 
     cfg = config.get_config("cpu-tiny", {**PEER_SHAPE, "data.max_len": str(seq), "run.micro_batch": str(batch),
                                          "optim.learning_rate": str(PEER_LR)})
-    mesh = train_sft.make_mesh(cfg)
+    mesh = make_mesh(cfg)
     with mesh:
         t0 = time.perf_counter()
-        model = train_sft.build_model(cfg, mesh)
+        model = build_model(cfg, mesh)
         build_s = time.perf_counter() - t0
-        trainable = train_sft.count_params(model, nnx.LoRAParam)
-        with_lora = train_sft.count_params(model)
+        trainable = count_params(model, nnx.LoRAParam)
+        with_lora = count_params(model)
         plan = train_sft.StepPlan(total_steps=warmup + steps, peak_lr=cfg.optim.learning_rate, warmup_ratio=0.0,
                                   end_lr_ratio=1.0)  # constant lr, like the peer
         trainer = train_sft.SFTTrainer(model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
             eval_every_n_steps=10**9, max_steps=warmup + steps, pbar_description=None))
-        trainer.with_gen_model_input_fn(train_sft.gen_model_input).with_loss_fn(train_sft.loss_fn, has_aux=True)
+        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(loss_fn, has_aux=True)
         train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
         losses, times, first_s = [], [], None
         cpu0 = None

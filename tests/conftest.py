@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import config  # noqa: E402
 import data_prep  # noqa: E402
@@ -38,3 +42,11 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) 
     run_dir = tmp_path_factory.mktemp("cpu_tiny_run") / "run"
     train_sft.train(tiny_run_config(run_dir, tiny_data_dir), tiny_data_dir)
     return run_dir
+
+
+def run_on_8_devices(script: str) -> str:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

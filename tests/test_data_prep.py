@@ -127,13 +127,13 @@ def test_kaggle_model_dir_uses_the_download_and_checks_it(tmp_path: Path, monkey
     monkeypatch.setattr("kagglehub.model_download", lambda handle: str(tmp_path))
     model_cfg = config.ModelConfig()
     with pytest.raises(config.ConfigError, match="lacks tokenizer.model and gemma2-2b-it/"):
-        data_prep.kaggle_model_dir(model_cfg)
+        config.kaggle_model_dir(model_cfg)
     (tmp_path / "gemma2-2b-it").mkdir()
     (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
-    assert data_prep.kaggle_model_dir(model_cfg) == tmp_path
+    assert config.kaggle_model_dir(model_cfg) == tmp_path
     assert data_prep.tokenizer_file(model_cfg) == tmp_path / "tokenizer.model"
     assert data_prep.load_tokenizer(model_cfg).piece_to_id("<end_of_turn>") == 107
-    assert data_prep.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
+    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
 
 
 def test_an_uploaded_export_loads_by_its_own_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,11 +142,11 @@ def test_an_uploaded_export_loads_by_its_own_handle(tmp_path: Path, monkeypatch:
     model_cfg = config.ModelConfig(kaggle_handle="someone/gemma2-2b-tunix-reasoning/jax/unrestricted/2")
     (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
     with pytest.raises(config.ConfigError, match="lacks unrestricted/ or gemma2-2b-it/"):
-        data_prep.kaggle_model_dir(model_cfg)
+        config.kaggle_model_dir(model_cfg)
     (tmp_path / "gemma2-2b-it").mkdir()
-    assert data_prep.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
+    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
     (tmp_path / "unrestricted").mkdir()
-    assert data_prep.kaggle_checkpoint_dir(model_cfg) == tmp_path / "unrestricted"
+    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "unrestricted"
 
 
 # ----------------------------------------------------------------------------- tokenize

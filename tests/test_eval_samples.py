@@ -7,9 +7,9 @@ import pytest
 
 import data_prep
 import eval_samples
-import train_sft
 from config import ConfigError, get_config
-from eval_samples import check_format
+from data_prep import check_format
+from model import build_model, generate, latest_step, make_mesh
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
 
@@ -144,10 +144,10 @@ def test_loss_only_report_has_losses_and_no_samples(tmp_path):
 def test_generate_with_the_tiny_model():
     cfg = get_config("cpu-tiny", {"eval.max_new_tokens": "16", "eval.batch_size": "2"})
     tokenizer = data_prep.load_tokenizer(cfg.model)
-    mesh = train_sft.make_mesh(cfg)
+    mesh = make_mesh(cfg)
     prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}, {"domain": "other", "prompt": "Say hello."}]
     with jax.set_mesh(mesh):
-        records = eval_samples.generate(train_sft.build_model(cfg, mesh), tokenizer, prompts, cfg.eval, "tuned")
+        records = generate(build_model(cfg, mesh), tokenizer, prompts, cfg.eval, "tuned")
     assert [(r["model"], r["domain"], r["prompt"]) for r in records] == [("tuned", p["domain"], p["prompt"])
                                                                         for p in prompts]
     for r in records:
@@ -167,7 +167,7 @@ def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, t
                        "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2",
                        "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == train_sft.latest_step(tiny_run_dir)
+    assert summary["step"] == latest_step(tiny_run_dir)
     tuned, base = summary["models"]["tuned"], summary["models"]["base"]
     assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -18,12 +18,13 @@ import config
 import data_prep
 import export
 import train_sft
+from model import build_model, gemma_config, latest_step, make_mesh, merged_params, packed_attention_mask, restore_lora
 
 
 def logits_of(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
     """The model's logits over tokens [B, L] as one causal row each."""
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    mask = train_sft.packed_attention_mask(jnp.ones(tokens.shape, jnp.int32))
+    mask = packed_attention_mask(jnp.ones(tokens.shape, jnp.int32))
     logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), None, mask)
     return np.asarray(logits)
 
@@ -41,28 +42,27 @@ def tiny_cfg() -> config.Config:
 @pytest.fixture(scope="module")
 def restored(tiny_run_dir: Path, tiny_cfg: config.Config, tokens: np.ndarray) -> dict:
     """tiny_run_dir's final LoRA on the base model, as training builds it: its logits, base and merged weights."""
-    mesh = train_sft.make_mesh(tiny_cfg)
+    mesh = make_mesh(tiny_cfg)
     with jax.set_mesh(mesh):
-        model = train_sft.build_model(tiny_cfg, mesh)
-        train_sft.restore_lora(model, tiny_run_dir)
+        model = build_model(tiny_cfg, mesh)
+        restore_lora(model, tiny_run_dir)
         return {"logits": logits_of(model, tokens),
                 "base": {p: np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()},
-                "merged": export.merged_params(model, tiny_cfg.lora.alpha, tiny_cfg.lora.rank)}
+                "merged": merged_params(model, tiny_cfg.lora.alpha, tiny_cfg.lora.rank)}
 
 
 def test_restored_lora_matches_the_trained_model(tiny_data_dir: Path, tmp_path: Path, tokens: np.ndarray,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     built = []
-    build_model = train_sft.build_model
     monkeypatch.setattr(train_sft, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
     cfg = tiny_run_config(tmp_path / "run", tiny_data_dir, **{"run.max_steps": "2", "run.eval_every": "100"})
     train_sft.train(cfg, tiny_data_dir)
-    mesh = train_sft.make_mesh(cfg)
+    mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         trained = logits_of(built[0], tokens)
         fresh = build_model(cfg, mesh)
         before = logits_of(fresh, tokens)
-        assert train_sft.restore_lora(fresh, tmp_path / "run") == 2
+        assert restore_lora(fresh, tmp_path / "run") == 2
         np.testing.assert_array_equal(logits_of(fresh, tokens), trained)
     assert np.abs(trained - before).max() > 1e-3  # the two steps changed the model
 
@@ -81,13 +81,13 @@ def test_orbax_export_loads_in_train_sft_and_tunix(restored: dict, tiny_cfg: con
     export.write_orbax(restored["merged"], tiny_cfg, orbax_dir)
     assert (orbax_dir / "tokenizer.model").is_file()
     cfg = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(orbax_dir)})
-    mesh = train_sft.make_mesh(cfg)
+    mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
-        merged = train_sft.build_model(cfg, mesh, with_lora=False)
+        merged = build_model(cfg, mesh, with_lora=False)
         np.testing.assert_allclose(logits_of(merged, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
     params = gemma_params.load_and_format_params(str(orbax_dir / "gemma2-2b-it"))
     tunix_model = gemma_lib.module_from_linen_variables(
-        module_factory=lambda: gemma_lib.Gemma(train_sft.gemma_config(cfg.model), rngs=nnx.Rngs(params=0)),
+        module_factory=lambda: gemma_lib.Gemma(gemma_config(cfg.model), rngs=nnx.Rngs(params=0)),
         variables=params["transformer"], map_key_fn=gemma_lib._map_linen_var_names,
         assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
     np.testing.assert_allclose(logits_of(tunix_model, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
@@ -99,7 +99,7 @@ def test_hf_export_matches_in_transformers(tiny_run_dir: Path, restored: dict, t
     transformers = pytest.importorskip("transformers")
     out = export.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--format", "hf", "--out",
                        str(tmp_path / "hf")])
-    assert json.loads((out / "export.json").read_text())["step"] == train_sft.latest_step(tiny_run_dir)
+    assert json.loads((out / "export.json").read_text())["step"] == latest_step(tiny_run_dir)
     model = transformers.Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -119,7 +119,7 @@ def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_di
     summary = train_sft.main(["--preset", "cpu-tiny", "--init-from", str(tiny_run_dir), "--out", str(tmp_path / "u"),
                               "--data", str(tiny_data_dir), "--max-steps", "1", "--run.eval_every", "100"])
     assert summary["steps"] == 1
-    assert f"initialised LoRA from {tiny_run_dir} step {train_sft.latest_step(tiny_run_dir)}" in capsys.readouterr().out
+    assert f"initialised LoRA from {tiny_run_dir} step {latest_step(tiny_run_dir)}" in capsys.readouterr().out
 
 
 def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_RUN_STEPS, tiny_run_config
+from conftest import TINY_RUN_STEPS, run_on_8_devices, tiny_run_config
 from flax import nnx
-from tunix.sft import peft_trainer
 
 import config
-import data_prep
+import model
 import train_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    cfg = config.get_config("cpu-tiny")
-    mesh = train_sft.make_mesh(cfg)
-    with mesh:
-        return train_sft.build_model(cfg, mesh)
 
 
 # ----------------------------------------------------------------------------- step planning
@@ -103,59 +90,6 @@ def test_the_optimizer_runs_at_the_planned_learning_rate(tiny_model, tmp_path, g
         assert lr.dtype == jnp.float32 and float(lr) == pytest.approx(plan.learning_rate(step), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- masks and loss
-
-
-def test_packed_mask_keeps_rows_apart():
-    segment_ids = jnp.array([[1, 1, 2, 2, 2, 0]])
-    mask = np.asarray(train_sft.packed_attention_mask(segment_ids))[0]
-    expected = np.array([[1, 0, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0, 0],
-                         [0, 0, 1, 0, 0, 0],
-                         [0, 0, 1, 1, 0, 0],
-                         [0, 0, 1, 1, 1, 0],
-                         [0, 0, 0, 0, 0, 0]], dtype=bool)
-    np.testing.assert_array_equal(mask, expected)
-
-
-def test_packed_row_sees_nothing_of_its_neighbour(tiny_model):
-    """The second row of a packed window gets exactly the logits it gets alone."""
-    rng = np.random.default_rng(0)
-    row_a, row_b = rng.integers(5, 2000, 7), rng.integers(5, 2000, 5)
-    packed = np.concatenate([row_a, row_b, [0, 0]])[None].astype(np.int32)
-    segments = np.array([[1] * 7 + [2] * 5 + [0, 0]], np.int32)
-    positions = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
-    logits, _ = tiny_model(packed, positions, None, train_sft.packed_attention_mask(segments))
-    alone = row_b[None].astype(np.int32)
-    alone_logits, _ = tiny_model(alone, np.arange(5)[None], None,
-                                 train_sft.packed_attention_mask(np.ones((1, 5), np.int32)))
-    np.testing.assert_allclose(logits[0, 7:12], alone_logits[0], atol=1e-5)
-    # and the neighbour matters when the mask lets it in: the check above can fail
-    leaky = jnp.tril(jnp.ones((1, 14, 14), bool))
-    leaky_logits, _ = tiny_model(packed, positions, None, leaky)
-    assert not np.allclose(leaky_logits[0, 7:12], alone_logits[0], atol=1e-3)
-
-
-def test_gather_loss_equals_tunix_one_hot_loss(tiny_model):
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(5, 2000, (2, 16)).astype(np.int32)
-    loss_mask = np.zeros((2, 16), np.int32)
-    loss_mask[:, 6:14] = 1
-    inputs = train_sft.gen_model_input({"tokens": tokens, "loss_mask": loss_mask,
-                                        "segment_ids": np.ones((2, 16), np.int32),
-                                        "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))})
-    loss, aux = train_sft.loss_fn(tiny_model, **inputs)
-    reference = peft_trainer._default_loss_fn(tiny_model, tokens, loss_mask, inputs["positions"],
-                                              inputs["attention_mask"])
-    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
-    assert float(aux["loss_tokens"]) == 16  # positions 6..13 of both rows are targets
-    evaluated = train_sft.evaluate_loss(tiny_model, [{"tokens": tokens, "loss_mask": loss_mask,
-                                                      "segment_ids": np.ones((2, 16), np.int32),
-                                                      "positions": np.asarray(inputs["positions"])}])
-    assert evaluated["loss"] == pytest.approx(float(reference), rel=1e-5)
-    assert evaluated["loss_tokens"] == 16
-
-
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -171,81 +105,6 @@ def test_bad_settings_stop_with_one_line(argv, message, capsys):
         train_sft.main(argv)
     assert message in str(stop.value)
     assert "\n" not in str(stop.value)
-
-
-def test_mesh_must_match_the_devices():
-    cfg = config.get_config("cpu-tiny", {"run.mesh_fsdp": "2", "run.micro_batch": "4"})
-    with pytest.raises(config.ConfigError, match="needs 2 devices but 1 are present"):
-        train_sft.make_mesh(cfg)
-
-
-# ----------------------------------------------------------------------------- the Kaggle checkpoint loader
-
-
-def write_kaggle_checkpoint(state: nnx.State, folder: Path) -> None:
-    """Writes weights in the Kaggle Flax gemma2 layout: flat 'transformer/...' keys, linen names."""
-    flat = {tuple(str(k) for k in path): np.asarray(v.get_value()) for path, v in state.flat_state()}
-    params: dict[str, dict[str, np.ndarray]] = {
-        "transformer/embedder": {"input_embedding": flat[("embedder", "input_embedding")]},
-        "transformer/final_norm": {"scale": flat[("final_norm", "scale")]}}
-    layers = sorted({int(path[1]) for path in flat if path[0] == "layers"})
-    for i in layers:
-        def get(*names: str, i: int = i) -> np.ndarray:
-            return flat[("layers", str(i), *names)]
-
-        prefix = f"transformer/layer_{i}"
-        for name in ("q_einsum", "kv_einsum", "attn_vec_einsum"):
-            params[f"{prefix}/attn/{name}"] = {"w": get("attn", name, "w")}
-        params[f"{prefix}/mlp/gating_einsum"] = {"w": np.stack([get("mlp", "gate_proj", "kernel"),
-                                                                get("mlp", "up_proj", "kernel")])}
-        params[f"{prefix}/mlp/linear"] = {"w": get("mlp", "down_proj", "kernel")}
-        for linen, ours in (("pre_attention_norm", "pre_attention_norm"), ("post_attention_norm", "post_attn_norm"),
-                            ("pre_ffw_norm", "pre_ffw_norm"), ("post_ffw_norm", "post_ffw_norm")):
-            params[f"{prefix}/{linen}"] = {"scale": get(ours, "scale")}
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(folder.resolve(), params)
-
-
-def test_kaggle_layout_checkpoint_loads_converts_once_and_caches(tmp_path, monkeypatch):
-    cfg = config.get_config("cpu-tiny")
-    mesh = train_sft.make_mesh(cfg)
-    with mesh:
-        reference = train_sft.load_base_model(cfg, mesh)
-    write_kaggle_checkpoint(nnx.state(reference), tmp_path / "kaggle" / "gemma2-2b-it")
-    (tmp_path / "kaggle" / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
-    # init_seed changes the random init: equal logits prove the weights came from the file.
-    loaded_cfg = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
-                                                "model.cache_dir": str(tmp_path / "cache"), "model.init_seed": "9"})
-    tokens = np.array([[2, 106, 30, 40, 50, 107]], np.int32)
-    positions, mask = np.arange(6)[None], train_sft.packed_attention_mask(np.ones((1, 6), np.int32))
-    with mesh:
-        want, _ = reference(tokens, positions, None, mask)
-        first = train_sft.load_base_model(loaded_cfg, mesh)
-        cached = list((tmp_path / "cache").iterdir())
-        assert len(cached) == 1 and cached[0].name.startswith("tiny-nnx-")
-        monkeypatch.setattr(train_sft, "_convert_kaggle_checkpoint",
-                            lambda *a: pytest.fail("the cached conversion was not reused"))
-        second = train_sft.load_base_model(loaded_cfg, mesh)
-        np.testing.assert_allclose(first(tokens, positions, None, mask)[0], want, atol=1e-6)
-        np.testing.assert_allclose(second(tokens, positions, None, mask)[0], want, atol=1e-6)
-        other_model = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
-                                                     "model.cache_dir": str(tmp_path / "cache"),
-                                                     "model.num_layers": "2"})
-        monkeypatch.undo()
-        with pytest.raises(config.ConfigError, match="does not fit --model.name tiny"):  # no stale cache reuse
-            train_sft.load_base_model(other_model, mesh)
-
-
-def test_wrong_size_checkpoint_names_both_shapes(tmp_path):
-    cfg = config.get_config("cpu-tiny")
-    mesh = train_sft.make_mesh(cfg)
-    with mesh:
-        state = nnx.state(train_sft.load_base_model(cfg, mesh))
-    write_kaggle_checkpoint(state, tmp_path / "gemma2-2b-it")
-    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
-    bigger = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path), "model.embed_dim": "256"})
-    with pytest.raises(config.ConfigError, match=r"of shape \(2048, 128\) but --model.name tiny expects \(2048, 256\)"):
-        train_sft.load_base_model(bigger, mesh)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -266,7 +125,7 @@ def test_tiny_run_learns_logs_and_checkpoints(tiny_run_dir):
     assert summary["final_eval_loss"] == pytest.approx(evals[-1])
     assert summary["trainable_params"] < summary["total_params"] / 4
     assert Path(summary["checkpoint"]).is_dir() and Path(summary["checkpoint"]).name == str(TINY_RUN_STEPS)
-    assert train_sft.latest_step(tiny_run_dir) == TINY_RUN_STEPS
+    assert model.latest_step(tiny_run_dir) == TINY_RUN_STEPS
     assert (tiny_run_dir / "loss_curve.png").stat().st_size > 5000
     assert list((tiny_run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
@@ -279,14 +138,14 @@ def test_killed_run_resumes_at_its_checkpoint_and_matches_an_unbroken_run(tiny_r
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and (train_sft.latest_step(run_dir) or 0) < 4:
+        while time.time() < deadline and (model.latest_step(run_dir) or 0) < 4:
             time.sleep(0.5)
         # Checkpoint 4 is complete (orbax writes to a temporary name and renames); kill without warning.
         time.sleep(1.5)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=60)
-    saved = train_sft.latest_step(run_dir)
+    saved = model.latest_step(run_dir)
     assert saved is not None and 4 <= saved < TINY_RUN_STEPS
     summary = train_sft.train(cfg, tiny_data_dir)
     assert summary["steps"] == TINY_RUN_STEPS
@@ -325,27 +184,19 @@ def test_init_from_a_run_of_another_rank_names_both_sides(tiny_run_dir, tiny_dat
 # ----------------------------------------------------------------------------- 8 simulated devices
 
 
-def run_on_8_devices(script: str) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
     out = run_on_8_devices(f"""
         import json, jax
         from flax import nnx
-        import config, train_sft
+        import config, model, train_sft
         cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "3",
             "run.grad_accum": "2",
             "run.eval_every": "3", "run.eval_batches": "1", "run.out_dir": "{tmp_path / 'fsdp8'}",
             "data.out_dir": "{tiny_data_dir}"}})
         summary = train_sft.train(cfg, cfg.data.out_dir and __import__("pathlib").Path(cfg.data.out_dir))
-        mesh = train_sft.make_mesh(cfg)
+        mesh = model.make_mesh(cfg)
         with mesh:
-            model = train_sft.build_model(cfg, mesh)
+            model = model.build_model(cfg, mesh)
         kernel = model.layers[0].mlp.gate_proj.kernel.get_value()
         print(json.dumps({{"steps": summary["steps"], "devices": summary["devices"],
                           "kernel_devices": len(kernel.sharding.device_set),
@@ -358,46 +209,6 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
     assert math.isfinite(result["final_eval_loss"])
 
 
-def test_kaggle_model_lora_and_sharding_build_abstractly_on_8_devices():
-    out = run_on_8_devices("""
-        import json, resource, jax
-        from flax import nnx
-        import config, train_sft
-        cfg = config.get_config("kaggle")
-        mesh = train_sft.make_mesh(cfg)
-        with mesh:
-            model = nnx.eval_shape(lambda: train_sft.apply_lora(train_sft.abstract_model(cfg.model), cfg, None))
-        shardings = nnx.get_named_sharding(nnx.state(model), mesh)
-        specs = {str(p): list(s.spec) for p, s in shardings.flat_state()}
-        print(json.dumps({"total": train_sft.count_params(model),
-                          "lora": train_sft.count_params(model, nnx.LoRAParam),
-                          "live_arrays": len(jax.live_arrays()),
-                          "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                          "embedding": specs["('embedder', 'input_embedding')"],
-                          "gate": specs["('layers', 0, 'mlp', 'gate_proj', 'kernel')"]}))
-    """)
-    result = json.loads(out.strip().splitlines()[-1])
-    d, f, n, k, h, layers, vocab = 2304, 9216, 8, 4, 256, 26, 256128
-    base = vocab * d + d + layers * (n * d * h + 2 * k * d * h + n * h * d + 3 * d * f + 4 * d)
-    assert base == 2_614_636_800  # Gemma2-2B with Tunix's 256128-row embedding, counted independently
-    # rank 64 on q, kv, attn_vec, gate, up, down: r * (fan_in + fan_out) each
-    lora = layers * 64 * ((d + n * h) + (d + 2 * k * h) + (n * h + d) + 2 * (d + f) + (f + d))
-    assert result["lora"] == lora == 79_233_024
-    assert result["total"] == base + lora
-    assert result["live_arrays"] == 0 and result["rss_gb"] < 3  # nothing of the 2.6B was allocated
-    assert result["embedding"] == ["tp", "fsdp"] and result["gate"] == ["fsdp", "tp"]
-
-
-def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_path):
-    recorded = json.loads((tiny_run_dir / "config.json").read_text())
-    assert recorded["data_manifest"]["tokenizer_sha256"] == data_prep.read_manifest(tiny_data_dir)["tokenizer_sha256"]
-    train_sft.check_same_tokenizer(tiny_run_dir, tiny_data_dir)  # its own data: accepted
-    recorded["data_manifest"]["tokenizer_sha256"] = "0" * 64
-    (tmp_path / "config.json").write_text(json.dumps(recorded))
-    with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
-        train_sft.check_same_tokenizer(tmp_path, tiny_data_dir)
-
-
 def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
     budget_s = 50.0
     cfg = tiny_run_config(tmp_path / "budget", tiny_data_dir, **{"run.max_steps": "0",
@@ -405,4 +216,4 @@ def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
     summary = train_sft.train(cfg, tiny_data_dir)
     assert summary["stopped_early"] and 0 < summary["steps"] <= summary["planned_steps"] < summary["data_steps"]
     assert summary["wall_s"] < budget_s + 10  # the final save and the summary fit in the reserve
-    assert train_sft.latest_step(tmp_path / "budget") == summary["steps"]
+    assert model.latest_step(tmp_path / "budget") == summary["steps"]

@@ -1,0 +1,195 @@
+"""The model stage: masks and loss, the Kaggle checkpoint loader and its cache, meshes, LoRA at real size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import run_on_8_devices
+from flax import nnx
+from tunix.sft import peft_trainer
+
+import config
+import data_prep
+import model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = config.get_config("cpu-tiny")
+    mesh = model.make_mesh(cfg)
+    with mesh:
+        return model.build_model(cfg, mesh)
+
+
+# ----------------------------------------------------------------------------- masks and loss
+
+
+def test_packed_mask_keeps_rows_apart():
+    segment_ids = jnp.array([[1, 1, 2, 2, 2, 0]])
+    mask = np.asarray(model.packed_attention_mask(segment_ids))[0]
+    expected = np.array([[1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0],
+                         [0, 0, 1, 0, 0, 0],
+                         [0, 0, 1, 1, 0, 0],
+                         [0, 0, 1, 1, 1, 0],
+                         [0, 0, 0, 0, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_packed_row_sees_nothing_of_its_neighbour(tiny_model):
+    """The second row of a packed window gets exactly the logits it gets alone."""
+    rng = np.random.default_rng(0)
+    row_a, row_b = rng.integers(5, 2000, 7), rng.integers(5, 2000, 5)
+    packed = np.concatenate([row_a, row_b, [0, 0]])[None].astype(np.int32)
+    segments = np.array([[1] * 7 + [2] * 5 + [0, 0]], np.int32)
+    positions = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
+    logits, _ = tiny_model(packed, positions, None, model.packed_attention_mask(segments))
+    alone = row_b[None].astype(np.int32)
+    alone_logits, _ = tiny_model(alone, np.arange(5)[None], None,
+                                 model.packed_attention_mask(np.ones((1, 5), np.int32)))
+    np.testing.assert_allclose(logits[0, 7:12], alone_logits[0], atol=1e-5)
+    # and the neighbour matters when the mask lets it in: the check above can fail
+    leaky = jnp.tril(jnp.ones((1, 14, 14), bool))
+    leaky_logits, _ = tiny_model(packed, positions, None, leaky)
+    assert not np.allclose(leaky_logits[0, 7:12], alone_logits[0], atol=1e-3)
+
+
+def test_gather_loss_equals_tunix_one_hot_loss(tiny_model):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 2000, (2, 16)).astype(np.int32)
+    loss_mask = np.zeros((2, 16), np.int32)
+    loss_mask[:, 6:14] = 1
+    inputs = model.gen_model_input({"tokens": tokens, "loss_mask": loss_mask,
+                                        "segment_ids": np.ones((2, 16), np.int32),
+                                        "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))})
+    loss, aux = model.loss_fn(tiny_model, **inputs)
+    reference = peft_trainer._default_loss_fn(tiny_model, tokens, loss_mask, inputs["positions"],
+                                              inputs["attention_mask"])
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    assert float(aux["loss_tokens"]) == 16  # positions 6..13 of both rows are targets
+    evaluated = model.evaluate_loss(tiny_model, [{"tokens": tokens, "loss_mask": loss_mask,
+                                                      "segment_ids": np.ones((2, 16), np.int32),
+                                                      "positions": np.asarray(inputs["positions"])}])
+    assert evaluated["loss"] == pytest.approx(float(reference), rel=1e-5)
+    assert evaluated["loss_tokens"] == 16
+
+
+def test_mesh_must_match_the_devices():
+    cfg = config.get_config("cpu-tiny", {"run.mesh_fsdp": "2", "run.micro_batch": "4"})
+    with pytest.raises(config.ConfigError, match="needs 2 devices but 1 are present"):
+        model.make_mesh(cfg)
+
+
+
+# ----------------------------------------------------------------------------- the Kaggle checkpoint loader
+
+
+def write_kaggle_checkpoint(state: nnx.State, folder: Path) -> None:
+    """Writes weights in the Kaggle Flax gemma2 layout: flat 'transformer/...' keys, linen names."""
+    flat = {tuple(str(k) for k in path): np.asarray(v.get_value()) for path, v in state.flat_state()}
+    params: dict[str, dict[str, np.ndarray]] = {
+        "transformer/embedder": {"input_embedding": flat[("embedder", "input_embedding")]},
+        "transformer/final_norm": {"scale": flat[("final_norm", "scale")]}}
+    layers = sorted({int(path[1]) for path in flat if path[0] == "layers"})
+    for i in layers:
+        def get(*names: str, i: int = i) -> np.ndarray:
+            return flat[("layers", str(i), *names)]
+
+        prefix = f"transformer/layer_{i}"
+        for name in ("q_einsum", "kv_einsum", "attn_vec_einsum"):
+            params[f"{prefix}/attn/{name}"] = {"w": get("attn", name, "w")}
+        params[f"{prefix}/mlp/gating_einsum"] = {"w": np.stack([get("mlp", "gate_proj", "kernel"),
+                                                                get("mlp", "up_proj", "kernel")])}
+        params[f"{prefix}/mlp/linear"] = {"w": get("mlp", "down_proj", "kernel")}
+        for linen, ours in (("pre_attention_norm", "pre_attention_norm"), ("post_attention_norm", "post_attn_norm"),
+                            ("pre_ffw_norm", "pre_ffw_norm"), ("post_ffw_norm", "post_ffw_norm")):
+            params[f"{prefix}/{linen}"] = {"scale": get(ours, "scale")}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(folder.resolve(), params)
+
+
+def test_kaggle_layout_checkpoint_loads_converts_once_and_caches(tmp_path, monkeypatch):
+    cfg = config.get_config("cpu-tiny")
+    mesh = model.make_mesh(cfg)
+    with mesh:
+        reference = model.load_base_model(cfg, mesh)
+    write_kaggle_checkpoint(nnx.state(reference), tmp_path / "kaggle" / "gemma2-2b-it")
+    (tmp_path / "kaggle" / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
+    # init_seed changes the random init: equal logits prove the weights came from the file.
+    loaded_cfg = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
+                                                "model.cache_dir": str(tmp_path / "cache"), "model.init_seed": "9"})
+    tokens = np.array([[2, 106, 30, 40, 50, 107]], np.int32)
+    positions, mask = np.arange(6)[None], model.packed_attention_mask(np.ones((1, 6), np.int32))
+    with mesh:
+        want, _ = reference(tokens, positions, None, mask)
+        first = model.load_base_model(loaded_cfg, mesh)
+        cached = list((tmp_path / "cache").iterdir())
+        assert len(cached) == 1 and cached[0].name.startswith("tiny-nnx-")
+        monkeypatch.setattr(model, "_convert_kaggle_checkpoint",
+                            lambda *a: pytest.fail("the cached conversion was not reused"))
+        second = model.load_base_model(loaded_cfg, mesh)
+        np.testing.assert_allclose(first(tokens, positions, None, mask)[0], want, atol=1e-6)
+        np.testing.assert_allclose(second(tokens, positions, None, mask)[0], want, atol=1e-6)
+        other_model = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
+                                                     "model.cache_dir": str(tmp_path / "cache"),
+                                                     "model.num_layers": "2"})
+        monkeypatch.undo()
+        with pytest.raises(config.ConfigError, match="does not fit --model.name tiny"):  # no stale cache reuse
+            model.load_base_model(other_model, mesh)
+
+
+def test_wrong_size_checkpoint_names_both_shapes(tmp_path):
+    cfg = config.get_config("cpu-tiny")
+    mesh = model.make_mesh(cfg)
+    with mesh:
+        state = nnx.state(model.load_base_model(cfg, mesh))
+    write_kaggle_checkpoint(state, tmp_path / "gemma2-2b-it")
+    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
+    bigger = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path), "model.embed_dim": "256"})
+    with pytest.raises(config.ConfigError, match=r"of shape \(2048, 128\) but --model.name tiny expects \(2048, 256\)"):
+        model.load_base_model(bigger, mesh)
+
+
+def test_kaggle_model_lora_and_sharding_build_abstractly_on_8_devices():
+    out = run_on_8_devices("""
+        import json, resource, jax
+        from flax import nnx
+        import config, model
+        cfg = config.get_config("kaggle")
+        mesh = model.make_mesh(cfg)
+        with mesh:
+            lora_model = nnx.eval_shape(lambda: model.apply_lora(model.abstract_model(cfg.model), cfg, None))
+        shardings = nnx.get_named_sharding(nnx.state(lora_model), mesh)
+        specs = {str(p): list(s.spec) for p, s in shardings.flat_state()}
+        print(json.dumps({"total": model.count_params(lora_model),
+                          "lora": model.count_params(lora_model, nnx.LoRAParam),
+                          "live_arrays": len(jax.live_arrays()),
+                          "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                          "embedding": specs["('embedder', 'input_embedding')"],
+                          "gate": specs["('layers', 0, 'mlp', 'gate_proj', 'kernel')"]}))
+    """)
+    result = json.loads(out.strip().splitlines()[-1])
+    d, f, n, k, h, layers, vocab = 2304, 9216, 8, 4, 256, 26, 256128
+    base = vocab * d + d + layers * (n * d * h + 2 * k * d * h + n * h * d + 3 * d * f + 4 * d)
+    assert base == 2_614_636_800  # Gemma2-2B with Tunix's 256128-row embedding, counted independently
+    # rank 64 on q, kv, attn_vec, gate, up, down: r * (fan_in + fan_out) each
+    lora = layers * 64 * ((d + n * h) + (d + 2 * k * h) + (n * h + d) + 2 * (d + f) + (f + d))
+    assert result["lora"] == lora == 79_233_024
+    assert result["total"] == base + lora
+    assert result["live_arrays"] == 0 and result["rss_gb"] < 3  # nothing of the 2.6B was allocated
+    assert result["embedding"] == ["tp", "fsdp"] and result["gate"] == ["fsdp", "tp"]
+
+
+def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_path):
+    recorded = json.loads((tiny_run_dir / "config.json").read_text())
+    assert recorded["data_manifest"]["tokenizer_sha256"] == data_prep.read_manifest(tiny_data_dir)["tokenizer_sha256"]
+    model.check_same_tokenizer(tiny_run_dir, tiny_data_dir)  # its own data: accepted
+    recorded["data_manifest"]["tokenizer_sha256"] = "0" * 64
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
+        model.check_same_tokenizer(tmp_path, tiny_data_dir)
