@@ -24,6 +24,17 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_prep.prepare(cfg, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The cpu-tiny model with fresh LoRA, built once for the tests that only run it."""
+    from model import build_model, make_mesh
+
+    cfg = config.get_config("cpu-tiny")
+    mesh = make_mesh(cfg)
+    with mesh:
+        return build_model(cfg, mesh)
+
+
 TINY_RUN_STEPS = 12
 
 

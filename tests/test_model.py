@@ -17,15 +17,6 @@ import config
 import data_prep
 import model
 
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    cfg = config.get_config("cpu-tiny")
-    mesh = model.make_mesh(cfg)
-    with mesh:
-        return model.build_model(cfg, mesh)
-
-
 # ----------------------------------------------------------------------------- masks and loss
 
 
