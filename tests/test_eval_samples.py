@@ -183,24 +183,35 @@ def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
 
 
 def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path):
-    """With no --eval.max_new_tokens the budget is derived from the data: room for the longest kept completion."""
     out = tmp_path / "eval"
     eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out), "--compare-base",
-                       "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2", "--eval.batch_size", "2"])
+                       "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2",
+                       "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
     summary = json.loads((out / "summary.json").read_text())
-    longest = max(data_prep.completion_lengths(tiny_data_dir, split).max() for split in data_prep.SPLITS)
-    assert summary["max_new_tokens"] == summary["eval"]["max_new_tokens"] == data_prep.generation_budget(
-        tiny_data_dir) >= longest
-    assert f"at most {summary['max_new_tokens']} new tokens (derived" in summary["decoding"]
-    assert all(0 <= summary["models"][m]["truncation_rate"] <= 1 for m in ("tuned", "base"))
-    assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
     assert summary["step"] == latest_step(tiny_run_dir)
+    assert summary["max_new_tokens"] == 16 and "(set by --eval.max_new_tokens)" in summary["decoding"]
     tuned, base = summary["models"]["tuned"], summary["models"]["base"]
     assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["model"] for r in samples) == ["base", "base", "tuned", "tuned"]
     assert f"{tuned['loss']:.4f}" in (out / "report.md").read_text()
     assert (out / "lengths.png").stat().st_size > 0
+
+
+def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, tiny_data_dir, tmp_path):
+    """With no --eval.max_new_tokens the budget is derived from the data, and the truncation rate is reported."""
+    out = tmp_path / "eval"
+    eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out),
+                       "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "1", "--eval.batch_size", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    longest = max(data_prep.completion_lengths(tiny_data_dir, split).max() for split in data_prep.SPLITS)
+    assert summary["max_new_tokens"] == summary["eval"]["max_new_tokens"] == data_prep.generation_budget(
+        tiny_data_dir) >= longest
+    assert f"at most {summary['max_new_tokens']} new tokens (derived" in summary["decoding"]
+    sample = json.loads((out / "samples.jsonl").read_text())
+    tuned = summary["models"]["tuned"]
+    assert tuned["truncation_rate"] == sample["truncated"] == (sample["generated_tokens"] >= summary["max_new_tokens"])
+    assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, tmp_path):
