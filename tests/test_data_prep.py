@@ -526,12 +526,27 @@ def test_continuation_reads_fresh_rows_from_a_data_or_run_directory(tmp_path: Pa
     assert json.loads((from_run / "manifest.json").read_text())["source_rows"] == [64, 118]
 
 
-def test_presets_take_180k_kept_rows_then_100k_fresh_ones() -> None:
+def test_presets_take_180k_kept_rows_then_100k_fresh_ones(tmp_path: Path, sp: spm.SentencePieceProcessor) -> None:
     kaggle, unrestricted = config.get_config("kaggle"), config.get_config("unrestricted")
     assert (kaggle.data.start, kaggle.data.stop, kaggle.data.num_rows, kaggle.data.continue_from) == (0, 0, 180_000, "")
     assert data_prep.kept_rows_wanted(kaggle.data) == 180_000 + kaggle.data.eval_rows
     assert (unrestricted.data.start, unrestricted.data.num_rows) == (0, 100_000)
     assert unrestricted.data.continue_from == unrestricted.run.init_from == kaggle.run.out_dir
+    # The two presets as they are, on a local source with the tiny tokenizer and fewer rows: the unrestricted
+    # preparation continues from the kaggle run directory (what a later Kaggle session has) and shares no row.
+    source = numbered_source(tmp_path / "rows.jsonl", 150)
+    local = {"data.source": str(source), "model.tokenizer_path": str(config.TINY_TOKENIZER_PATH), "data.eval_rows": "4"}
+    kaggle_data = data_prep.prepare(config.get_config("kaggle", local | {
+        "data.num_rows": "60", "data.out_dir": str(tmp_path / "data_kaggle")}), show_progress=False)
+    run_dir = tmp_path / "runs_kaggle"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"data_manifest": data_prep.read_manifest(kaggle_data)}))
+    later = data_prep.prepare(config.get_config("unrestricted", local | {
+        "data.num_rows": "50", "data.out_dir": str(tmp_path / "data_unrestricted"),
+        "data.continue_from": str(run_dir)}), show_progress=False)
+    assert data_prep.read_manifest(later)["source_rows"] == [64, 118] == [
+        data_prep.read_manifest(kaggle_data)["source_rows"][1], 64 + 54]
+    assert not prompt_numbers(kaggle_data, sp) & prompt_numbers(later, sp)
     with pytest.raises(config.ConfigError, match=r"pass one of them \(--data.continue_from '' --data.start N\)"):
         config.get_config("unrestricted", {"data.start": "250000"})
     assert config.get_config("unrestricted", {"data.start": "250000", "data.continue_from": ""}).data.start == 250_000
