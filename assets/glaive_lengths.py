@@ -90,7 +90,8 @@ def filler(chars: int, rng: random.Random) -> str:
         sentence = rng.choice(FILLER_SENTENCES)
         words.append(sentence)
         length += len(sentence) + 1
-    return " ".join(words)[:max(1, chars)].rsplit(" ", 1)[0] or words[0].split()[0]
+    text = " ".join(words)[:max(1, chars)]
+    return text.rsplit(" ", 1)[0] if " " in text else text  # no half word at the end
 
 
 def synthetic_rows(n: int, seed: int = 0, max_len: int = REFERENCE_MAX_LEN,
