@@ -3,8 +3,9 @@
 Three presets share one code path and differ only in sizes, devices and where the
 weights come from:
 
-- ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k glaiveai rows, 4 epochs, lr 2e-5.
-- ``unrestricted``: continues a ``kaggle`` run's LoRA on rows 180000..280000, lr 5e-6.
+- ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k kept glaiveai rows (streamed from row 0), 4 epochs, lr 2e-5.
+- ``unrestricted``: continues a ``kaggle`` run's LoRA on 100k kept rows that start where the kaggle
+  preparation stopped reading, lr 5e-6.
 - ``cpu-tiny``: a tiny random Gemma2-architecture model on the shipped sample, on a CPU.
 
 Any field can be overridden as ``--section.field value`` (or ``--section.field=value``);
@@ -111,11 +112,14 @@ class DataConfig:
     split: str = "train"
     # Row range [start, stop) of the source that may be read; stop 0 = to the end.
     start: int = 0
-    stop: int = 180_000
-    # Kept rows wanted (training + held-out); 0 = every usable row of the range.
-    num_rows: int = 0
-    # Rows held out for eval loss and evaluation prompts.
+    stop: int = 0
+    # Kept training rows wanted: reading stops once this many plus eval_rows are kept (0 = every usable row).
+    num_rows: int = 180_000
+    # Rows held out for eval loss and evaluation prompts, kept on top of num_rows.
     eval_rows: int = 256
+    # A prepared data directory, or a run directory (its config.json records the data manifest): this
+    # preparation starts at the row where that one stopped reading (its source_rows' next), instead of start.
+    continue_from: str = ""
     max_len: int = 2048
     pack: bool = True
     # Rows the packer holds at once while it fills windows best-fit.
@@ -171,7 +175,9 @@ class RunConfig:
 class EvalConfig:
     """Generation settings; the defaults are the hackathon's declared inference settings."""
 
-    max_new_tokens: int = 768
+    # Generation budget in new tokens; 0 = derived from the prepared data (its longest kept completion,
+    # rounded up: data_prep.generation_budget), so that answers get the length they were trained on.
+    max_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 1
     top_p: float = 1.0
@@ -210,7 +216,8 @@ def _kaggle() -> Config:
 def _unrestricted() -> Config:
     cfg = _kaggle()
     cfg.preset = "unrestricted"
-    cfg.data.start, cfg.data.stop = 180_000, 280_000
+    cfg.data.num_rows = 100_000
+    cfg.data.continue_from = "runs/kaggle"  # the kaggle run records its preparation's source rows
     cfg.data.out_dir = "data/unrestricted"
     cfg.optim.learning_rate = 5e-6
     cfg.run.out_dir = "runs/unrestricted"
@@ -226,7 +233,7 @@ def _cpu_tiny() -> Config:
     cfg.model.cache_dir = ""
     cfg.lora.rank, cfg.lora.alpha = 16, 16.0
     cfg.data.source = str(SAMPLE_PATH)
-    cfg.data.start, cfg.data.stop = 0, 0
+    cfg.data.num_rows = 0
     cfg.data.eval_rows = 24
     cfg.data.max_len = 512
     cfg.data.pack_buffer = 256
@@ -242,7 +249,6 @@ def _cpu_tiny() -> Config:
     cfg.run.checkpoint_every_steps = 50
     cfg.run.checkpoint_every_min = 5.0
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
-    cfg.eval.max_new_tokens = 256
     return cfg
 
 
@@ -362,6 +368,11 @@ def validate(cfg: Config) -> None:
                           "--data.stop must exceed --data.start (0 = to the end)")
     if d.eval_rows < 0 or d.num_rows < 0:
         raise ConfigError("--data.eval_rows and --data.num_rows must not be negative")
+    if d.continue_from and d.start:
+        raise ConfigError(f"--data.start {d.start} and --data.continue_from {d.continue_from} both set where to "
+                          "begin: pass one of them (--data.continue_from '' --data.start N)")
+    if cfg.eval.max_new_tokens < 0:
+        raise ConfigError("--eval.max_new_tokens must not be negative (0 = derived from the prepared data)")
     if lo.rank < 1:
         raise ConfigError(f"--lora.rank {lo.rank} must be at least 1")
     if r.epochs <= 0:

@@ -10,6 +10,11 @@ Read top to bottom, the pipeline is:
 6. store memory-mappable arrays + ``manifest.json`` + ``stats.json`` + a length histogram (a cache),
 7. load them with grain: shuffled per epoch, fixed-shape batches, a resumable iterator state.
 
+Reading stops once ``num_rows`` training rows plus ``eval_rows`` held-out rows are kept; the manifest
+records the source rows read as ``source_rows: [first, next)``, so that a later preparation
+(``data.continue_from``) starts at ``next`` and never shares a row. It also records the kept rows' token
+lengths, from which evaluation derives its generation budget (``generation_budget``).
+
 ``python data_prep.py --preset cpu-tiny`` runs it on the shipped sample with no network.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -60,10 +66,14 @@ FORBIDDEN_TAGS = (THINK_OPEN, THINK_CLOSE, "<reasoning>", "</reasoning>", "<answ
 PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"
 END_OF_TURN = "<end_of_turn>"
 # Bump when the stored format or the row processing changes: older caches are then rebuilt.
-PREP_VERSION = 1
+PREP_VERSION = 2
 SPLITS = ("train", "eval")
 # Rows tokenized per sentencepiece batch call (threads split a batch).
 TOKENIZE_BATCH = 256
+# Percentiles of token lengths recorded in stats.json and the manifest (plus the maximum).
+LENGTH_PERCENTILES = (1, 5, 10, 50, 90, 95, 99)
+# The derived generation budget is the longest kept completion rounded up to a multiple of this.
+GENERATION_BUDGET_STEP = 128
 
 
 # ----------------------------------------------------------------------------- 1. rewrite
@@ -397,6 +407,46 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def continued_manifest(path: Path) -> dict[str, Any]:
+    """The data manifest of a prepared directory, or the one a run directory's config.json recorded."""
+    if (path / "manifest.json").is_file():
+        return json.loads((path / "manifest.json").read_text())
+    run_config = path / "config.json"
+    manifest = json.loads(run_config.read_text()).get("data_manifest") if run_config.is_file() else None
+    if not manifest:
+        raise ConfigError(f"--data.continue_from {path} holds no manifest.json (prepared data) and no config.json "
+                          "with a data_manifest (a run): name the earlier preparation or run, or pass "
+                          "--data.continue_from '' --data.start N (its first unread source row)")
+    return manifest
+
+
+def continued_start(d: DataConfig, tokenizer_path: Path) -> int:
+    """The first source row that the preparation (or run) named by ``d.continue_from`` did not read.
+
+    Checked before any row is read: the earlier preparation must exist and come from the same source and
+    tokenizer, or continuing from its row count would mean nothing.
+    """
+    path = Path(d.continue_from).expanduser()
+    fix = "or pass --data.continue_from '' --data.start N (the first source row it did not read)"
+    if not path.is_dir():
+        raise ConfigError(f"--data.continue_from {path} does not exist: name the earlier preparation or run, {fix}")
+    manifest = continued_manifest(path)
+    if (manifest.get("source"), manifest.get("split")) != (d.source, d.split):
+        raise ConfigError(f"--data.continue_from {path} was prepared from {manifest.get('source')} split "
+                          f"{manifest.get('split')}, not {d.source} split {d.split}: continue from a preparation "
+                          f"of the same source, {fix}")
+    if manifest.get("tokenizer_sha256") != _sha256(tokenizer_path):
+        raise ConfigError(f"--data.continue_from {path} was tokenized with {manifest.get('tokenizer')}, not "
+                          f"{tokenizer_path}: continue from a preparation with the same tokenizer, {fix}")
+    if "source_rows" not in manifest:
+        raise ConfigError(f"--data.continue_from {path} records no source_rows (prepared by an older version): {fix}")
+    start = manifest["source_rows"][1]
+    if d.stop and start >= d.stop:
+        raise ConfigError(f"--data.continue_from {path} read up to row {start}, at or past --data.stop {d.stop}: "
+                          "raise --data.stop (0 = to the end)")
+    return start
+
+
 def is_cached(data_dir: Path, key: dict[str, Any]) -> bool:
     """True if data_dir holds a complete preparation made from the same inputs."""
     manifest_path = data_dir / "manifest.json"
@@ -423,16 +473,34 @@ def write_split(data_dir: Path, split: str, rows: list[tuple[np.ndarray, np.ndar
         np.save(_array_path(data_dir, split, name), array)
 
 
+def percentiles(values: Iterable[int]) -> dict[str, int]:
+    """LENGTH_PERCENTILES of values (rounded up: lengths are budgets) and their maximum; {} for no values."""
+    values = np.asarray(list(values))
+    if not len(values):
+        return {}
+    return {**{f"p{q}": int(np.ceil(np.percentile(values, q))) for q in LENGTH_PERCENTILES}, "max": int(values.max())}
+
+
+def kept_lengths(rows: list[tuple[np.ndarray, np.ndarray]], tokenized_lengths: list[int], max_len: int
+                 ) -> dict[str, Any]:
+    """Token lengths of the kept rows (all splits) and of every tokenized row before the max_len filter.
+
+    Completion lengths count the loss tokens, ``<end_of_turn>`` included: what generation must have room for.
+    """
+    return {
+        "row_tokens": percentiles(len(tokens) for tokens, _ in rows),
+        "completion_tokens": percentiles(int(mask.sum()) for _, mask in rows),
+        "tokenized_row_tokens": percentiles(tokenized_lengths),
+        "share_within_max_len": sum(n <= max_len for n in tokenized_lengths) / max(1, len(tokenized_lengths)),
+    }
+
+
 def length_stats(rows: list[tuple[np.ndarray, np.ndarray]], num_windows: int, max_len: int) -> dict[str, Any]:
     """Token-length percentiles, packing efficiency (non-pad / all tokens) and the share of loss tokens."""
     row_lengths = np.array([len(tokens) for tokens, _ in rows])
     completion_lengths = np.array([int(mask.sum()) for _, mask in rows])
     prompt_lengths = row_lengths - completion_lengths
     total = int(row_lengths.sum())
-
-    def percentiles(values: np.ndarray) -> dict[str, int]:
-        return {f"p{q}": int(np.percentile(values, q)) for q in (5, 50, 90, 95, 99, 100)} if len(values) else {}
-
     return {
         "rows": len(rows), "windows": num_windows, "tokens": total,
         "prompt_tokens": percentiles(prompt_lengths), "completion_tokens": percentiles(completion_lengths),
@@ -456,6 +524,11 @@ def plot_lengths(path: Path, row_lengths: list[int], max_len: int) -> None:
 
 # ----------------------------------------------------------------------------- 8. prepare
 
+def kept_rows_wanted(d: DataConfig) -> int:
+    """Rows to keep before reading stops: the training rows wanted plus the held-out rows (0 = read everything)."""
+    return d.num_rows + d.eval_rows if d.num_rows else 0
+
+
 class RowResult(NamedTuple):
     """What became of one source row."""
 
@@ -470,13 +543,13 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
     """One RowResult per row read: checked, rewritten, rendered, tokenized and length-filtered.
 
     Rows are tokenized in batches so sentencepiece can spread a batch over ``cfg.num_workers`` threads.
-    Stops once ``cfg.num_rows`` rows are kept, without reading further.
+    Stops once ``kept_rows_wanted(cfg)`` rows are kept, without reading further.
     """
-    kept, pending = 0, []
+    kept, pending, kept_wanted = 0, [], kept_rows_wanted(cfg)
     threads = max(1, cfg.num_workers)
     rows = iter(rows)
     while True:
-        wanted = cfg.num_rows - kept if cfg.num_rows else TOKENIZE_BATCH
+        wanted = kept_wanted - kept if kept_wanted else TOKENIZE_BATCH
         for record in rows:
             fields = check_fields(record)
             completion, reason = rewrite_with_reason(fields[1]) if isinstance(fields, tuple) else (None, fields)
@@ -495,7 +568,7 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
             kept += example is not None
             yield RowResult(example, "" if example else "too_long", prompt, completion, 2 + len(p_ids) + len(c_ids))
         pending = []
-        if cfg.num_rows and kept >= cfg.num_rows:
+        if kept_wanted and kept >= kept_wanted:
             return
 
 
@@ -504,7 +577,11 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
     d = cfg.data
     data_dir = Path(d.out_dir).expanduser()
     sp = load_tokenizer(cfg.model)
-    key = cache_key(cfg, tokenizer_file(cfg.model))
+    tokenizer_path = tokenizer_file(cfg.model)
+    if d.continue_from:  # begin where the earlier preparation stopped reading; checked before any row is read
+        d = dataclasses.replace(d, start=continued_start(d, tokenizer_path))
+        cfg = dataclasses.replace(cfg, data=d)
+    key = cache_key(cfg, tokenizer_path)
     if is_cached(data_dir, key):
         if show_progress:
             print(f"reusing the prepared data in {data_dir} (same source, tokenizer, max_len and packing)")
@@ -514,11 +591,10 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
     kept_rows: list[tuple[np.ndarray, np.ndarray]] = []
     row_lengths: list[int] = []
     held_out_texts: collections.deque[tuple[str, str]] = collections.deque(maxlen=d.eval_rows or None)
-    total = d.stop - d.start if d.stop else None
-    with tqdm(total=total, desc="rows read", unit="row", disable=not show_progress) as progress:
+    kept_wanted = kept_rows_wanted(d)
+    with tqdm(total=kept_wanted or None, desc="rows kept", unit="row", disable=not show_progress) as progress:
         for row in process_rows(sp, read_source(d), d):
             rows_read += 1
-            progress.update()
             if row.drop_reason:
                 drops[row.drop_reason] += 1
             if row.length:
@@ -526,7 +602,10 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
             if row.example is not None:
                 kept_rows.append(row.example)
                 held_out_texts.append((row.prompt, row.completion))
-                progress.set_postfix(kept=len(kept_rows), refresh=False)
+                progress.update()
+            if rows_read % 100 == 0:
+                progress.set_postfix(read=rows_read, refresh=False)
+        progress.set_postfix(read=rows_read)
     if len(kept_rows) <= d.eval_rows:
         reasons = ", ".join(f"{n} {r}" for r, n in drops.most_common()) or "none"
         raise ConfigError(f"{d.source} gave {len(kept_rows)} usable rows of {rows_read} read (dropped: {reasons}); "
@@ -546,18 +625,42 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
             f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
     plot_lengths(data_dir / "row_lengths.png", row_lengths, d.max_len)
 
-    enough = d.num_rows and len(kept_rows) >= d.num_rows
+    source_rows = [d.start, d.start + rows_read]
+    enough = bool(kept_wanted) and len(kept_rows) >= kept_wanted
+    ran_out = not enough and not (d.stop and source_rows[1] >= d.stop)
+    lengths = kept_lengths(kept_rows, row_lengths, d.max_len)
     stats = {
         "rows_read": rows_read, "rows_kept": len(kept_rows), "rows_dropped": sum(drops.values()),
+        "kept_rows_wanted": kept_wanted, "source_rows": source_rows, "source_ran_out": ran_out,
+        "rows_read_per_kept_row": rows_read / len(kept_rows),
         "dropped_by_reason": dict(sorted(drops.items())),
-        "stopped_because": "num_rows kept" if enough else "source ended",
+        "stopped_because": "kept rows wanted" if enough else "source ended" if ran_out else "row range ended",
+        "lengths": lengths,
         **split_stats,
     }
     (data_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     counts = {f"{split}_{what}": split_stats[split][what] for split in SPLITS for what in ("rows", "windows", "tokens")}
-    manifest = {**key, "counts": counts}
+    manifest = {**key, "source_rows": source_rows, "counts": counts, "lengths": lengths}
     (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return data_dir
+
+
+def generation_budget(data_dir: str | Path) -> int:
+    """New tokens generation needs for the longest completion the model was trained on, rounded up.
+
+    Training teaches completions up to this long; a smaller budget cuts them before ``</answer>``.
+    """
+    lengths = read_manifest(data_dir).get("lengths")
+    if not lengths:
+        raise ConfigError(f"{data_dir} records no token lengths (prepared by an older version): "
+                          "run data_prep.py again, or set --eval.max_new_tokens")
+    longest = lengths["completion_tokens"]["max"]
+    return -(-longest // GENERATION_BUDGET_STEP) * GENERATION_BUDGET_STEP
+
+
+def resolve_max_new_tokens(cfg: Config, data_dir: str | Path) -> int:
+    """``eval.max_new_tokens`` if set, else the budget derived from the prepared data (generation_budget)."""
+    return cfg.eval.max_new_tokens or generation_budget(data_dir)
 
 
 # ----------------------------------------------------------------------------- 9. load
@@ -623,13 +726,27 @@ def eval_batches(data_dir: str | Path, batch_size: int) -> list[dict[str, np.nda
             for i in range(0, len(windows), batch_size)]
 
 
+def completion_lengths(data_dir: str | Path, split: str = "train") -> np.ndarray:
+    """Loss tokens (completion + ``<end_of_turn>``) of every stored row of a split."""
+    mask = np.load(_array_path(Path(data_dir), split, "loss_mask"), mmap_mode="r")
+    row_offsets = np.load(_array_path(Path(data_dir), split, "row_offsets"))
+    return np.add.reduceat(np.asarray(mask, np.int64), row_offsets[:-1]) if len(row_offsets) > 1 else np.zeros(0)
+
+
 def summary_line(data_dir: Path) -> str:
+    """The stage's last line: rows read and kept, why reading stopped, drops, windows and the generation budget."""
     stats = json.loads((data_dir / "stats.json").read_text())
     reasons = ", ".join(f"{n} {r}" for r, n in stats["dropped_by_reason"].items()) or "none"
-    return (f"kept {stats['rows_kept']} of {stats['rows_read']} rows read ({stats['stopped_because']}), "
+    first, end = stats["source_rows"]
+    wanted = stats["kept_rows_wanted"]
+    why = (f"the source ended before the {wanted} rows wanted (training + held-out)"
+           if stats["source_ran_out"] and wanted else stats["stopped_because"])
+    completions = stats["lengths"]["completion_tokens"]
+    return (f"kept {stats['rows_kept']} of {stats['rows_read']} rows read (source rows {first}..{end}; {why}), "
             f"dropped {stats['rows_dropped']} ({reasons}); {stats['train']['windows']} train + "
             f"{stats['eval']['windows']} eval windows, packing efficiency {stats['train']['packing_efficiency']:.1%}; "
-            f"wrote {data_dir}")
+            f"completions p50 {completions['p50']} / max {completions['max']} tokens, generation budget "
+            f"{generation_budget(data_dir)}; wrote {data_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,8 +63,8 @@ print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device
 # %% [markdown]
 # ## Configuration
 #
-# `PRESET` picks one of `config.py`'s presets: `kaggle` (Gemma2-2B-it, TPU v5e-8, 180k rows, 4 epochs
-# capped by an 8-hour budget), `unrestricted` (continues a kaggle run on fresh rows) or `cpu-tiny`
+# `PRESET` picks one of `config.py`'s presets: `kaggle` (Gemma2-2B-it, TPU v5e-8, 180k kept training rows,
+# 4 epochs capped by an 8-hour budget), `unrestricted` (continues a kaggle run on 100k fresh rows) or `cpu-tiny`
 # (a tiny random model on the shipped sample, for a CPU smoke run). `OVERRIDES` takes any
 # `section.field` of `config.py`, as the command line's `--section.field value` does.
 
@@ -80,17 +80,18 @@ OVERRIDES.update(json.loads(os.environ.get("TUNIX_SFT_OVERRIDES", "{}")))  # for
 #
 # Greedy decoding, as declared for the hackathon (these are `config.EvalConfig`'s defaults): with
 # temperature 0 Tunix's sampler takes the most likely token, so top-k and top-p play no part.
-# Completions stop at `<end_of_turn>`; the training data keeps them well under 1K tokens.
+# Completions stop at `<end_of_turn>`. The generation budget, `MAX_GENERATION_STEPS`, is declared
+# below once the data is prepared: it is the longest completion the model is trained on, rounded up
+# (2048 tokens at the kaggle preset's max_len), because glaiveai's reasoning is long and a smaller
+# budget would cut answers off before `</answer>`.
 
 # %%
 TEMPERATURE = 0.0
 TOP_K = 1
 TOP_P = 1.0
-MAX_GENERATION_STEPS = 768
 SEED = 0
 
-INFERENCE = {"eval.temperature": TEMPERATURE, "eval.top_k": TOP_K, "eval.top_p": TOP_P,
-             "eval.max_new_tokens": MAX_GENERATION_STEPS, "eval.seed": SEED}
+INFERENCE = {"eval.temperature": TEMPERATURE, "eval.top_k": TOP_K, "eval.top_p": TOP_P, "eval.seed": SEED}
 cfg = config.get_config(PRESET, {name: str(value) for name, value in (INFERENCE | OVERRIDES).items()})
 RUN_DIR = Path(cfg.run.out_dir)
 print(json.dumps(cfg.to_dict(), indent=1))
@@ -117,17 +118,42 @@ print(json.dumps(cfg.to_dict(), indent=1))
 #
 # Rows of [glaiveai/reasoning-v1-20m](https://huggingface.co/datasets/glaiveai/reasoning-v1-20m)
 # (Apache-2.0; DeepSeek-R1-Distill-Llama-70B traces, mostly non-math/code domains, matching the judged
-# domains) are streamed, not downloaded whole. Each response's `<think>R</think>A` becomes
-# `<reasoning>R</reasoning>\n<answer>A</answer>`; rows without a clean single think block or with an
-# empty answer are dropped, and so are rows longer than 2048 tokens, because truncating them would
-# cut away the answer and teach the model never to answer. The prompt is Gemma's chat template with
-# the format instruction inside the user turn (Gemma has no system role). Rows are tokenized and
-# packed best-fit into 2048-token windows with a block-diagonal attention mask and per-row positions;
-# the last rows are held out for eval loss and sample prompts. The preparation is cached on disk.
+# domains) are streamed from row 0, not downloaded whole, until 180,000 training rows plus 256 held-out
+# rows are kept. Each response's `<think>R</think>A` becomes `<reasoning>R</reasoning>\n<answer>A</answer>`;
+# rows without a clean single think block or with an empty answer are dropped, and so are rows longer
+# than 2048 tokens, because truncating them would cut away the answer and teach the model never to answer.
+# The prompt is Gemma's chat template with the format instruction inside the user turn (Gemma has no
+# system role). Rows are tokenized and packed best-fit into 2048-token windows with a block-diagonal
+# attention mask and per-row positions; the last kept rows are held out for eval loss and sample
+# prompts. The preparation is cached on disk, and its manifest records the source rows it read.
+#
+# **Real lengths.** glaiveai responses are long: median about 7,100 characters (p10 5,300, p90 9,400,
+# p99 about 16,000), about 1,770 Gemma tokens at 4 characters per token, so a whole row is about 1,450
+# (p10), 1,900 (p50) and 2,500 (p90) tokens. At max_len 2048 only about 60% of rows fit: the 180k kept
+# rows take about 300k source rows, and packing gains little (about 82% of window tokens are real, with
+# or without packing) because two such rows rarely share a window. Longer windows keep more rows but cost
+# more time per epoch; `benchmarks/results_lengths.md` has the figures behind keeping 2048. The summary
+# line below gives the real counts and the kept completions' lengths.
 
 # %%
 data_dir = data_prep.prepare(cfg)
 print(data_prep.summary_line(data_dir))
+
+# %% [markdown]
+# ## Generation budget
+#
+# The model learns completions as long as the longest kept one (up to about 2,000 tokens at max_len 2048),
+# so `MAX_GENERATION_STEPS` comes from the prepared data: that length rounded up to a multiple of 128
+# (`data_prep.generation_budget`), unless `eval.max_new_tokens` is set in `OVERRIDES`. The trade-off: the
+# hackathon asks for outputs under about 1K tokens, while the recipe's reasoning runs longer; the
+# evaluation report shows format compliance both at this budget and within 1,024 tokens, and plots the
+# generated lengths beside the training completions'.
+
+# %%
+MAX_GENERATION_STEPS = data_prep.resolve_max_new_tokens(cfg, data_dir)
+completion_tokens = data_prep.read_manifest(data_dir)["lengths"]["completion_tokens"]
+print(f"MAX_GENERATION_STEPS = {MAX_GENERATION_STEPS} (kept completions: p50 {completion_tokens['p50']}, "
+      f"p99 {completion_tokens['p99']}, longest {completion_tokens['max']} tokens)")
 
 # %% [markdown]
 # ## Fine-tuning with Tunix
@@ -153,11 +179,13 @@ display(Image(str(RUN_DIR / "loss_curve.png")))
 # ## Samples
 #
 # Generates a completion for each evaluation prompt (across the judged domains) with the inference
-# settings above, checks the `<reasoning>`/`<answer>` format, and reports compliance, lengths and
+# settings above and at most `MAX_GENERATION_STEPS` new tokens, checks the `<reasoning>`/`<answer>`
+# format, and reports compliance (at the budget and within 1,024 tokens), truncation, lengths and
 # held-out loss in `RUN_DIR/eval/report.md`.
 
 # %%
 eval_summary = eval_samples.evaluate(cfg, RUN_DIR)
+display(Image(str(RUN_DIR / "eval" / "lengths.png")))
 display(Markdown((RUN_DIR / "eval" / "report.md").read_text()[:20_000]))
 
 # %% [markdown]
@@ -184,8 +212,9 @@ export.export(cfg, RUN_DIR, "orbax", EXPORT_DIR, upload_handle=UPLOAD_HANDLE)
 # %% [markdown]
 # ## Other notes
 #
-# - **Unrestricted mode**: over further sessions the same LoRA keeps training on unseen rows
-#   (180000..280000) at a lower LR: `python train_sft.py --preset unrestricted --init-from runs/kaggle`,
+# - **Unrestricted mode**: over further sessions the same LoRA keeps training on 100k more kept rows that
+#   start where this preparation stopped reading (`data.continue_from` = `runs/kaggle`, whose `config.json`
+#   records the source rows read), at a lower LR: `python train_sft.py --preset unrestricted --init-from runs/kaggle`,
 #   then `python export.py --preset unrestricted --run runs/unrestricted --format orbax --out
 #   exports/unrestricted --upload USER/gemma2-2b-tunix-reasoning/jax/unrestricted`.
 # - `python export.py ... --format hf` writes a Hugging Face `Gemma2ForCausalLM` directory for

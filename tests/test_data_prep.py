@@ -17,6 +17,7 @@ import sentencepiece as spm
 
 import config
 import data_prep
+from assets import glaive_lengths
 
 # Gemma-2-2b-it's chat_template, copied here independently of data_prep.GEMMA_CHAT_TEMPLATE.
 GEMMA_TEMPLATE = (
@@ -293,6 +294,7 @@ def test_stats_and_manifest_on_the_sample(tiny_data_dir: Path) -> None:
     manifest = json.loads((tiny_data_dir / "manifest.json").read_text())
     assert (stats["rows_read"], stats["rows_kept"], stats["stopped_because"]) == (SAMPLE_READ, SAMPLE_KEPT,
                                                                                  "source ended")
+    assert stats["source_rows"] == manifest["source_rows"] == [0, SAMPLE_READ] and stats["source_ran_out"]
     assert stats["rows_read"] == stats["rows_kept"] + stats["rows_dropped"] == SAMPLE_KEPT + sum(
         stats["dropped_by_reason"].values())
     train = stats["train"]
@@ -329,12 +331,25 @@ def test_workers_give_the_same_data(tmp_path: Path, tiny_data_dir: Path) -> None
         assert np.array_equal(np.load(data_dir / f"{name}.npy"), np.load(tiny_data_dir / f"{name}.npy"))
 
 
-def test_num_rows_stops_reading_early(tmp_path: Path) -> None:
-    data_dir = data_prep.prepare(tiny_config(tmp_path, **{"data.num_rows": 50, "data.eval_rows": 5}),
-                                 show_progress=False)
+def test_num_rows_counts_kept_training_rows_and_stops_reading(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               sp: spm.SentencePieceProcessor) -> None:
+    data_dir = data_prep.prepare(tiny_config(tmp_path, **{"data.num_rows": 45, "data.eval_rows": 5}))
     stats = json.loads((data_dir / "stats.json").read_text())
-    assert stats["rows_kept"] == 50 and stats["stopped_because"] == "num_rows kept"
-    assert stats["rows_read"] < 80 and stats["train"]["rows"] == 45 and stats["eval"]["rows"] == 5
+    assert stats["rows_kept"] == stats["kept_rows_wanted"] == 50 and stats["stopped_because"] == "kept rows wanted"
+    assert stats["train"]["rows"] == 45 and stats["eval"]["rows"] == 5 and not stats["source_ran_out"]
+    # Reading stopped at the row that made the 50th kept one, and source_rows says so.
+    kept = rows_read = 0
+    for record in data_prep.read_jsonl(config.SAMPLE_PATH, 0, 0):
+        rows_read += 1
+        fields = data_prep.check_fields(record)
+        completion = data_prep.rewrite_response(fields[1]) if isinstance(fields, tuple) else None
+        kept += bool(completion and data_prep.tokenize_example(sp, data_prep.build_prompt(fields[0]), completion, 512))
+        if kept == 50:
+            break
+    assert stats["source_rows"] == [0, rows_read] and stats["rows_read"] == rows_read
+    assert stats["rows_read_per_kept_row"] == rows_read / 50
+    progress = capsys.readouterr().err
+    assert "50/50" in progress and f"read={rows_read}" in progress
 
 
 # ----------------------------------------------------------------------------- bad input and other sources
@@ -419,3 +434,152 @@ def test_main_runs_the_tiny_preset(tmp_path: Path, capsys: pytest.CaptureFixture
     assert last_line.startswith(f"kept {SAMPLE_KEPT} of {SAMPLE_READ} rows read")
     assert f"{SAMPLE_USABLE - SAMPLE_KEPT} too_long" in last_line
     assert last_line.endswith(f"wrote {tmp_path}")
+
+
+# ----------------------------------------------------------------------------- real lengths, continuation, budget
+
+def test_length_faithful_generator_follows_the_published_percentiles() -> None:
+    chars = glaive_lengths.response_chars(200_000, np.random.default_rng(0))
+    for q, published in glaive_lengths.PUBLISHED_PERCENTILES:  # p98 and p99 were published as ranges of +-3.4%
+        assert abs(np.percentile(chars, q) / published - 1) < (0.02 if q < 98 else 0.04), q
+    assert chars.max() > 20_000  # the long tail past p99
+    rows, completions = glaive_lengths.gemma_lengths(50_000)
+    assert 1_350 < np.percentile(rows, 10) < 1_500 and 1_800 < np.percentile(rows, 50) < 2_000
+    assert 2_350 < np.percentile(rows, 90) < 2_650 and 0.54 < (rows <= 2048).mean() < 0.74
+    assert (completions < rows).all()
+
+
+@pytest.fixture(scope="module")
+def real_length_source(tmp_path_factory: pytest.TempPathFactory, sp: spm.SentencePieceProcessor) -> Path:
+    """1,500 length-faithful rows (broken ones mixed in) sized for max_len 512 under the tiny tokenizer."""
+    lines = glaive_lengths.synthetic_rows(1_500, seed=1, max_len=512, sp=sp, broken_every=500)
+    return glaive_lengths.write_rows(tmp_path_factory.mktemp("real_lengths") / "rows.jsonl", lines)
+
+
+def test_the_real_regime_at_a_small_max_len(tmp_path: Path, real_length_source: Path) -> None:
+    """At max_len 512 the rows are as long, relative to it, as real rows are to 2048: the kaggle preset's regime."""
+    gemma_rows, _ = glaive_lengths.gemma_lengths(50_000)
+    share_within = (gemma_rows <= 2048).mean()
+    cfg = tiny_config(tmp_path, **{"data.source": real_length_source, "data.num_rows": 400, "data.eval_rows": 24})
+    stats = json.loads((data_prep.prepare(cfg, show_progress=False) / "stats.json").read_text())
+    lengths = stats["lengths"]
+    assert abs(lengths["tokenized_row_tokens"]["p50"] / 512 - np.percentile(gemma_rows, 50) / 2048) < 0.05
+    assert abs(lengths["share_within_max_len"] - share_within) < 0.06
+    assert stats["rows_kept"] == 424 and stats["stopped_because"] == "kept rows wanted"
+    assert stats["dropped_by_reason"]["too_long"] > 0.25 * stats["rows_read"]
+    assert 1.3 < stats["rows_read_per_kept_row"] < 1.9 and stats["source_rows"] == [0, stats["rows_read"]]
+    train = stats["train"]
+    assert train["packing_efficiency"] - train["efficiency_without_packing"] < 0.03  # two rows rarely share a window
+    assert 0.7 < train["efficiency_without_packing"] < 0.9
+    budget = data_prep.generation_budget(tmp_path)
+    longest = max(data_prep.completion_lengths(tmp_path, split).max() for split in data_prep.SPLITS)
+    assert longest == lengths["completion_tokens"]["max"] <= budget < longest + data_prep.GENERATION_BUDGET_STEP
+    assert budget % data_prep.GENERATION_BUDGET_STEP == 0 and budget > 0.8 * 512
+
+
+def test_derived_and_explicit_generation_budget(tiny_data_dir: Path) -> None:
+    cfg = config.get_config("cpu-tiny")
+    assert cfg.eval.max_new_tokens == 0 == config.get_config("kaggle").eval.max_new_tokens
+    longest = max(data_prep.completion_lengths(tiny_data_dir, split).max() for split in data_prep.SPLITS)
+    assert data_prep.resolve_max_new_tokens(cfg, tiny_data_dir) == data_prep.generation_budget(tiny_data_dir) == -(
+        -longest // 128) * 128
+    cfg.eval.max_new_tokens = 40
+    assert data_prep.resolve_max_new_tokens(cfg, tiny_data_dir) == 40
+    assert "generation budget" in data_prep.summary_line(tiny_data_dir)
+
+
+def numbered_source(path: Path, n: int) -> Path:
+    """n short usable rows whose prompts carry their source row number."""
+    rows = sample_rows(40, max_chars=1000)
+    return write_jsonl(path, [{"prompt": f"Row {i}: {rows[i % 40]['prompt']}", "response": rows[i % 40]["response"]}
+                              for i in range(n)])
+
+
+def prompt_numbers(data_dir: Path, sp: spm.SentencePieceProcessor) -> set[int]:
+    """Source row numbers of every stored row, training and held-out."""
+    numbers = set()
+    for split in data_prep.SPLITS:
+        for row in stored_rows(data_dir, split):
+            numbers.add(int(sp.decode(list(row)).split("Row ", 1)[1].split(":")[0]))
+    return numbers
+
+
+def test_continuation_reads_fresh_rows_from_a_data_or_run_directory(tmp_path: Path,
+                                                                      sp: spm.SentencePieceProcessor) -> None:
+    source = numbered_source(tmp_path / "rows.jsonl", 200)
+    first = data_prep.prepare(tiny_config(tmp_path / "first", **{"data.source": source, "data.num_rows": 60,
+                                                                  "data.eval_rows": 4}), show_progress=False)
+    first_rows = json.loads((first / "manifest.json").read_text())["source_rows"]
+    assert first_rows == [0, 64] and prompt_numbers(first, sp) == set(range(64))
+    later = data_prep.prepare(tiny_config(tmp_path / "later", **{
+        "data.source": source, "data.num_rows": 50, "data.eval_rows": 4, "data.continue_from": first}),
+        show_progress=False)
+    later_rows = json.loads((later / "manifest.json").read_text())["source_rows"]
+    assert later_rows == [64, 118] and prompt_numbers(later, sp) == set(range(64, 118))
+    # A run directory records its data manifest in config.json: continuing from it starts at the same row.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"data_manifest": data_prep.read_manifest(first)}))
+    from_run = data_prep.prepare(tiny_config(tmp_path / "from_run", **{
+        "data.source": source, "data.num_rows": 50, "data.eval_rows": 4, "data.continue_from": run_dir}),
+        show_progress=False)
+    assert json.loads((from_run / "manifest.json").read_text())["source_rows"] == [64, 118]
+
+
+def test_presets_take_180k_kept_rows_then_100k_fresh_ones(tmp_path: Path, sp: spm.SentencePieceProcessor) -> None:
+    kaggle, unrestricted = config.get_config("kaggle"), config.get_config("unrestricted")
+    assert (kaggle.data.start, kaggle.data.stop, kaggle.data.num_rows, kaggle.data.continue_from) == (0, 0, 180_000, "")
+    assert data_prep.kept_rows_wanted(kaggle.data) == 180_000 + kaggle.data.eval_rows
+    assert (unrestricted.data.start, unrestricted.data.num_rows) == (0, 100_000)
+    assert unrestricted.data.continue_from == unrestricted.run.init_from == kaggle.run.out_dir
+    # The two presets as they are, on a local source with the tiny tokenizer and fewer rows: the unrestricted
+    # preparation continues from the kaggle run directory (what a later Kaggle session has) and shares no row.
+    source = numbered_source(tmp_path / "rows.jsonl", 150)
+    local = {"data.source": str(source), "model.tokenizer_path": str(config.TINY_TOKENIZER_PATH), "data.eval_rows": "4"}
+    kaggle_data = data_prep.prepare(config.get_config("kaggle", local | {
+        "data.num_rows": "60", "data.out_dir": str(tmp_path / "data_kaggle")}), show_progress=False)
+    run_dir = tmp_path / "runs_kaggle"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"data_manifest": data_prep.read_manifest(kaggle_data)}))
+    later = data_prep.prepare(config.get_config("unrestricted", local | {
+        "data.num_rows": "50", "data.out_dir": str(tmp_path / "data_unrestricted"),
+        "data.continue_from": str(run_dir)}), show_progress=False)
+    assert data_prep.read_manifest(later)["source_rows"] == [64, 118] == [
+        data_prep.read_manifest(kaggle_data)["source_rows"][1], 64 + 54]
+    assert not prompt_numbers(kaggle_data, sp) & prompt_numbers(later, sp)
+    with pytest.raises(config.ConfigError, match=r"pass one of them \(--data.continue_from '' --data.start N\)"):
+        config.get_config("unrestricted", {"data.start": "250000"})
+    assert config.get_config("unrestricted", {"data.start": "250000", "data.continue_from": ""}).data.start == 250_000
+
+
+def test_bad_continue_from_stops_before_any_row_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tiny_data_dir: Path) -> None:
+    reads = []
+    monkeypatch.setattr(data_prep, "read_source", lambda d: reads.append(d) or iter(()))
+    other_source = numbered_source(tmp_path / "other.jsonl", 10)
+    (tmp_path / "empty").mkdir()
+    tokenizer = tmp_path / "tok.model"
+    data_prep.build_tiny_tokenizer(config.SAMPLE_PATH, tokenizer, vocab_size=1024)
+    cases = [
+        ({"data.continue_from": tmp_path / "missing"}, r"missing does not exist: .* --data.start N"),
+        ({"data.continue_from": tmp_path / "empty"}, r"holds no manifest.json .* --data.start N"),
+        ({"data.continue_from": tiny_data_dir, "data.source": other_source}, r"was prepared from .*glaiveai_sample"),
+        ({"data.continue_from": tiny_data_dir, "model.tokenizer_path": tokenizer}, "was tokenized with"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(config.ConfigError, match=message):
+            data_prep.prepare(tiny_config(tmp_path / "out", **overrides), show_progress=False)
+    with pytest.raises(SystemExit, match="^error: --data.continue_from .*missing does not exist"):
+        data_prep.main(["--preset", "cpu-tiny", "--data.continue_from", str(tmp_path / "missing"),
+                        "--data", str(tmp_path / "out")])
+    assert reads == []
+
+
+def test_a_source_that_ends_early_finishes_with_what_it_has(tmp_path: Path) -> None:
+    source = numbered_source(tmp_path / "rows.jsonl", 30)
+    data_dir = data_prep.prepare(tiny_config(tmp_path / "out", **{"data.source": source, "data.num_rows": 100,
+                                                                   "data.eval_rows": 4}), show_progress=False)
+    stats = json.loads((data_dir / "stats.json").read_text())
+    assert stats["source_ran_out"] and stats["stopped_because"] == "source ended"
+    assert (stats["rows_kept"], stats["kept_rows_wanted"], stats["source_rows"]) == (30, 104, [0, 30])
+    assert "the source ended before the 104 rows wanted" in data_prep.summary_line(data_dir)

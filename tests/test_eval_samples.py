@@ -3,6 +3,7 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import data_prep
@@ -121,7 +122,8 @@ def test_report_and_summary_from_hand_made_records(tmp_path):
     assert (tuned["loss"], base["perplexity"], saved["step"]) == (1.5, 12.1825, 7)
 
     report = (tmp_path / "report.md").read_text()
-    assert "| format compliance | 75.0% (3/4) | 25.0% (1/4) |" in report
+    assert "| format compliance (at the budget) | 75.0% (3/4) | 25.0% (1/4) |" in report
+    assert "| format compliance within 1,024 tokens | — | — |" in report  # unknown: no budget of 1,024 or more
     assert "| missing_reasoning | 0 | 2 |" in report
     assert "| coding | 50.0% (1/2) | 0.0% (0/2) |" in report
     assert "| eval loss | 1.5000 | 2.5000 |" in report
@@ -132,12 +134,31 @@ def test_report_and_summary_from_hand_made_records(tmp_path):
     assert (tmp_path / "lengths.png").stat().st_size > 0
 
 
+def test_compliance_within_1024_tokens_and_the_length_plot(tmp_path):
+    """Outputs that finished well-formed before 1,024 tokens still pass there; longer ones would have been cut."""
+    short, long_ok, long_cut = (_record("tuned", "math", GOOD) | {"generated_tokens": n} for n in (300, 1500, 1024))
+    truncated = _record("tuned", "math", "<reasoning>a b", truncated=True) | {"generated_tokens": 2048}
+    records = [short, long_ok, long_cut, truncated]
+    assert [eval_samples.compliant_within(r, 1024) for r in records] == [True, False, False, False]
+    summary = eval_samples.summarize(records, max_new_tokens=2048)["tuned"]
+    assert (summary["compliance"], summary["compliance_at_1024"], summary["truncation_rate"]) == (0.75, 0.25, 0.25)
+    assert (summary["generated_tokens_median"], summary["generated_tokens_max"]) == (1262, 2048)
+    assert eval_samples.summarize(records, max_new_tokens=768)["tuned"]["compliance_at_1024"] is None
+    meta = {"run": "r", "step": 1, "preset": "p", "prompts": 4, "decoding": "greedy", "max_new_tokens": 2048}
+    eval_samples.write_outputs(tmp_path, records, {"tuned": summary}, meta, np.array([900, 1400, 1990]))
+    report = (tmp_path / "report.md").read_text()
+    assert "| format compliance within 1,024 tokens | 25.0% |" in report
+    assert "| generated tokens, median / max | 1262 / 2048 |" in report
+    assert (tmp_path / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_loss_only_report_has_losses_and_no_samples(tmp_path):
     summary = eval_samples.summarize([], {"tuned": {"loss": 1.0, "perplexity": 2.718, "loss_tokens": 5}})
     eval_samples.write_outputs(tmp_path, [], summary, {"run": "r", "step": 1, "preset": "p", "prompts": 0,
                                                        "decoding": "none"})
     report = (tmp_path / "report.md").read_text()
     assert "| eval loss | 1.0000 |" in report and "## Samples" not in report and "compliance" not in report
+    assert "generated tokens" not in report
     assert not (tmp_path / "lengths.png").exists()
 
 
@@ -168,12 +189,29 @@ def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, t
                        "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == latest_step(tiny_run_dir)
+    assert summary["max_new_tokens"] == 16 and "(set by --eval.max_new_tokens)" in summary["decoding"]
     tuned, base = summary["models"]["tuned"], summary["models"]["base"]
     assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["model"] for r in samples) == ["base", "base", "tuned", "tuned"]
     assert f"{tuned['loss']:.4f}" in (out / "report.md").read_text()
     assert (out / "lengths.png").stat().st_size > 0
+
+
+def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, tiny_data_dir, tmp_path):
+    """With no --eval.max_new_tokens the budget is derived from the data, and the truncation rate is reported."""
+    out = tmp_path / "eval"
+    eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out),
+                       "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "1", "--eval.batch_size", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    longest = max(data_prep.completion_lengths(tiny_data_dir, split).max() for split in data_prep.SPLITS)
+    assert summary["max_new_tokens"] == summary["eval"]["max_new_tokens"] == data_prep.generation_budget(
+        tiny_data_dir) >= longest
+    assert f"at most {summary['max_new_tokens']} new tokens (derived" in summary["decoding"]
+    sample = json.loads((out / "samples.jsonl").read_text())
+    tuned = summary["models"]["tuned"]
+    assert tuned["truncation_rate"] == sample["truncated"] == (sample["generated_tokens"] >= summary["max_new_tokens"])
+    assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, tmp_path):
