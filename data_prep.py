@@ -5,7 +5,8 @@ Read top to bottom, the pipeline is:
 1. rewrite  ``<think>R</think> A``  into  ``<reasoning>R</reasoning>\\n<answer>A</answer>`` (or drop the row),
 2. render the question with Gemma's own chat template (instruction first: Gemma has no system role),
 3. tokenize ``BOS + prompt + completion + <end_of_turn>`` with a loss mask on the completion only,
-4. drop rows longer than ``max_len`` (truncating would cut the answer away),
+4. drop rows longer than ``max_len`` (truncating would cut the answer away; a row with more bytes than
+   ``max_len`` tokens can hold is dropped before it is tokenized),
 5. best-fit pack rows into ``max_len`` windows with per-row segment ids and positions,
 6. store memory-mappable arrays + ``manifest.json`` + ``stats.json`` + a length histogram (a cache),
 7. load them with grain: shuffled per epoch, fixed-shape batches, a resumable iterator state.
