@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,13 @@ SAMPLE_PATH = ASSETS_DIR / "glaiveai_sample.jsonl"
 TINY_TOKENIZER_PATH = ASSETS_DIR / "tiny_tokenizer.model"
 
 LORA_MODULES = ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
+# The sizes of Gemma2-2B that the settings are checked against (tunix ModelConfig.gemma2_2b()).
+GEMMA2_2B_SIZES = {"num_layers": 26, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4, "sliding_window": 4096}
+# Where train_sft.py keeps a run's orbax checkpoints, one folder per step.
+CHECKPOINT_SUBDIR = "checkpoints"
+EXPORT_FORMATS = ("orbax", "hf")
+# Local data sources: JSON lines or Parquet.
+SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class ConfigError(ValueError):
@@ -261,6 +271,16 @@ SHORT_FLAGS = {
     "--max-steps": "run.max_steps",
     "--time-budget-min": "run.time_budget_min",
     "--init-from": "run.init_from",
+    "--prompts": "eval.prompts",
+}
+# The short flags each stage script reads: any other is an error there, never silently ignored. (The long
+# ``--section.field`` overrides are the shared configuration: every stage takes them, so the same overrides
+# can be passed to every stage.) eval_samples.py's and export.py's own --out is their output (stage_flags).
+STAGE_SHORT_FLAGS = {
+    "data_prep": ("--data",),
+    "train_sft": ("--out", "--data", "--max-steps", "--time-budget-min", "--init-from"),
+    "eval_samples": ("--data", "--prompts"),
+    "export": (),
 }
 
 
@@ -301,8 +321,11 @@ def get_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
     return cfg
 
 
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """Turns ``--a.b 1 --c.d=2 --out X`` into ``{"a.b": "1", "c.d": "2", "run.out_dir": "X"}``."""
+def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, str]:
+    """Turns ``--a.b 1 --c.d=2 --out X`` into ``{"a.b": "1", "c.d": "2", "run.out_dir": "X"}``.
+
+    With a stage, a short flag that stage does not read stops with one line naming what it means.
+    """
     overrides: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -316,29 +339,73 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             value = args[i + 1]
             i += 1
         i += 1
+        if stage and name in SHORT_FLAGS and name not in STAGE_SHORT_FLAGS[stage]:
+            raise ConfigError(_unused_flag_message(stage, name, value))
         overrides[SHORT_FLAGS.get(name, name[2:])] = value
     return overrides
 
 
-def config_from_argv(argv: list[str] | None, description: str, extra: argparse.ArgumentParser | None = None
-                     ) -> tuple[Config, argparse.Namespace]:
-    """Parses ``--preset`` and the script's own flags, then every override; exits with one line on error.
+def _unused_flag_message(stage: str, flag: str, value: str) -> str:
+    if stage == "data_prep" and flag == "--out":
+        return (f"data_prep.py writes the prepared data to --data DIR; --out is train_sft.py's run directory: "
+                f"use --data {value}")
+    readers = " and ".join(f"{name}.py" for name, flags in STAGE_SHORT_FLAGS.items() if flag in flags)
+    return f"{stage}.py does not use {flag} (--{SHORT_FLAGS[flag]}, read by {readers}): leave it out"
 
-    ``extra`` holds a script's own flags (``--run``, ``--step`` ...); whatever it does not
-    know is read as a config override.
+
+def stage_flags(stage: str) -> argparse.ArgumentParser:
+    """A stage's own flags beside --preset and the overrides: evaluation and export read a run directory."""
+    parser = argparse.ArgumentParser(add_help=False)
+    if stage in ("eval_samples", "export"):
+        parser.add_argument("--run", required=True, help="run directory written by train_sft.py --out DIR")
+        parser.add_argument("--step", type=int, help="checkpoint step to load (default: the latest)")
+    if stage == "eval_samples":
+        parser.add_argument("--out", help="output directory (default: RUN/eval)")
+        parser.add_argument("--compare-base", action="store_true", help="also evaluate the base model, side by side")
+        parser.add_argument("--loss-only", action="store_true", help="only the held-out loss and perplexity")
+    if stage == "export":
+        parser.add_argument("--format", choices=EXPORT_FORMATS, default="orbax",
+                            help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
+        parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("--upload", default="", metavar="HANDLE",
+                            help="publish to this Kaggle model handle (OWNER/MODEL/FRAMEWORK/VARIATION)")
+    return parser
+
+
+def config_from_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, argparse.Namespace]:
+    """Parses a stage's command line (``--preset``, its own flags, every override) and runs its preflight;
+    exits with one line on error. ``args.overrides`` holds the overrides as given.
+
+    Needs only the standard library: each stage script calls it before its heavy imports, so that a bad
+    setting or path stops in about a second.
     """
-    parser = argparse.ArgumentParser(description=description, parents=[extra] if extra else [])
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0], parents=[stage_flags(stage)])
     parser.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg = get_config(args.preset, parse_overrides(rest))
+        args.overrides = parse_overrides(rest, stage)
+        cfg = get_config(args.preset, args.overrides)
+        preflight(cfg, stage, args)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     return cfg, args
 
 
+def model_sizes(m: ModelConfig) -> dict[str, int]:
+    """Layers, width, heads and sliding window of the model that ``m`` builds."""
+    if m.name == "gemma2-2b-it":
+        return GEMMA2_2B_SIZES
+    return {name: getattr(m, name) for name in GEMMA2_2B_SIZES}
+
+
 def validate(cfg: Config) -> None:
     """Rejects settings that cannot work, before anything heavy runs."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{section.name}.{f.name} {value} is not a finite number: give a finite value")
     m, d, r, lo = cfg.model, cfg.data, cfg.run, cfg.lora
     if m.name not in ("gemma2-2b-it", "tiny"):
         raise ConfigError(f"--model.name {m.name!r} is unknown: use gemma2-2b-it or tiny")
@@ -346,8 +413,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
     if m.remat not in ("none", "block", "decoder"):
         raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
-    num_heads, num_kv_heads, window = (8, 4, 4096) if m.name == "gemma2-2b-it" else (
-        m.num_heads, m.num_kv_heads, m.sliding_window)
+    sizes = model_sizes(m)
+    num_heads, num_kv_heads, window = sizes["num_heads"], sizes["num_kv_heads"], sizes["sliding_window"]
     if r.mesh_fsdp < 1 or r.mesh_tp < 1:
         raise ConfigError("--run.mesh_fsdp and --run.mesh_tp must be at least 1")
     if num_kv_heads % r.mesh_tp or num_heads % r.mesh_tp:
@@ -385,3 +452,109 @@ def validate(cfg: Config) -> None:
 
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+
+
+# ----------------------------------------------------------------------------- preflight: paths and saved runs
+
+
+def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
+    """What a stage reads must be readable, what it writes writable, and a saved LoRA it loads must fit the
+    settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
+    d, r = cfg.data, cfg.run
+    if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
+        if not (Path(d.out_dir) / "manifest.json").is_file():
+            raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
+                              f"`python data_prep.py --preset {cfg.preset} --data {d.out_dir}` first")
+    elif stage in ("data_prep", "train_sft", "eval_samples"):  # these prepare the data, or reuse a preparation
+        local_source(d)
+        if not (Path(d.out_dir).expanduser() / "manifest.json").is_file():
+            check_writable_dir(d.out_dir, "--data")
+    if stage == "train_sft":
+        check_writable_dir(r.out_dir, "--out")
+        if saved_lora_shape(Path(r.out_dir)):  # an existing run is resumed
+            check_saved_lora(r.out_dir, cfg, "--out")
+        elif r.init_from:
+            check_saved_lora(r.init_from, cfg, "--init-from")
+    if stage in ("eval_samples", "export"):
+        check_saved_lora(args.run, cfg, "--run", args.step)
+        check_writable_dir(args.out or Path(args.run) / "eval", "--out")
+    if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
+        raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """A directory a stage writes into: it, or the nearest folder above it that exists, must be writable."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory: pass a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing}): pass a writable "
+                          "directory")
+
+
+def local_source(data_cfg: DataConfig) -> Path | None:
+    """The local file ``--data.source`` names, checked to be a readable file; None for a Hugging Face dataset."""
+    path = Path(data_cfg.source).expanduser()
+    if path.suffix not in SOURCE_SUFFIXES and not path.exists():
+        return None
+    if path.is_dir():
+        raise ConfigError(f"source {path} is a directory, not a .jsonl/.parquet file: set --data.source to a file")
+    if not path.is_file():
+        raise ConfigError(f"source file {path} does not exist: set --data.source")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"source file {path} is not readable (no read permission): set --data.source")
+    if path.suffix == ".parquet" and not _has_parquet_markers(path):
+        raise ConfigError(f"source {path} is not a Parquet file (no PAR1 marker at its start and end): "
+                          "re-download it, or name a JSON-lines file .jsonl")
+    return path
+
+
+def _has_parquet_markers(path: Path) -> bool:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - 4))
+        return size >= 12 and head == b"PAR1" and f.read(4) == b"PAR1"
+
+
+def saved_lora_shape(run_dir: Path, step: int | None = None) -> tuple[Path, dict[str, int]] | None:
+    """The checkpoint folder at ``step`` (default: the newest whose metadata reads) of a run and the rank,
+    layers and width of its LoRA, read from orbax's JSON tree metadata without JAX; None if none reads."""
+    ckpt_dir = run_dir.expanduser() / CHECKPOINT_SUBDIR
+    steps = sorted((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), reverse=True) \
+        if ckpt_dir.is_dir() else []
+    for saved_step in steps if step is None else [step]:
+        step_dir = ckpt_dir / str(saved_step)
+        try:  # keys are paths such as ("layers", "0", "attn", "q_einsum", "w_lora_a", "value")
+            tree = json.loads((step_dir / "model_params" / "_METADATA").read_text())["tree_metadata"]
+            shapes = {tuple(k["key"] for k in v["key_metadata"]): v["value_metadata"]["write_shape"]
+                      for v in tree.values()}
+            ranks = {shape[-1] for key, shape in shapes.items() if key[-2].endswith("_lora_a")}
+            layers = {key[1] for key in shapes if key[0] == "layers"}
+            width = shapes[("layers", "0", "attn", "q_einsum", "w_lora_a", "value")][0]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+        if len(ranks) == 1:
+            return step_dir, {"rank": ranks.pop(), "num_layers": len(layers), "embed_dim": width}
+    return None
+
+
+def check_saved_lora(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
+    """A run directory to load LoRA weights from must exist, and its checkpoint must hold the LoRA rank, layers
+    and width these settings build. Without readable metadata the checkpoint restore reports the problem."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    saved = saved_lora_shape(run_dir, step)
+    if saved is None:
+        return
+    step_dir, theirs = saved
+    ours = {"rank": cfg.lora.rank, **{k: model_sizes(cfg.model)[k] for k in ("num_layers", "embed_dim")}}
+    if theirs != ours:
+        raise ConfigError(f"checkpoint {step_dir} holds LoRA rank {theirs['rank']} on {theirs['num_layers']} "
+                          f"layers of width {theirs['embed_dim']}, but these settings build rank {ours['rank']} "
+                          f"on {ours['num_layers']} layers of width {ours['embed_dim']}: use that run's --preset, "
+                          f"--model.* and --lora.rank, or another {flag}")

@@ -5,7 +5,8 @@ Read top to bottom, the pipeline is:
 1. rewrite  ``<think>R</think> A``  into  ``<reasoning>R</reasoning>\\n<answer>A</answer>`` (or drop the row),
 2. render the question with Gemma's own chat template (instruction first: Gemma has no system role),
 3. tokenize ``BOS + prompt + completion + <end_of_turn>`` with a loss mask on the completion only,
-4. drop rows longer than ``max_len`` (truncating would cut the answer away),
+4. drop rows longer than ``max_len`` (truncating would cut the answer away; a row with more bytes than
+   ``max_len`` tokens can hold is dropped before it is tokenized),
 5. best-fit pack rows into ``max_len`` windows with per-row segment ids and positions,
 6. store memory-mappable arrays + ``manifest.json`` + ``stats.json`` + a length histogram (a cache),
 7. load them with grain: shuffled per epoch, fixed-shape batches, a resumable iterator state.
@@ -29,20 +30,25 @@ import itertools
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, kaggle_model_dir, local_source
+
+if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
+    config_from_argv(None, "data_prep", __doc__)
 
 import datasets
 import grain
 import jinja2.sandbox
 import matplotlib
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import sentencepiece as spm
 from tqdm import tqdm
-
-from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, kaggle_model_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -61,8 +67,13 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-FORBIDDEN_TAGS = (THINK_OPEN, THINK_CLOSE, "<reasoning>", "</reasoning>", "<answer>", "</answer>")
+# Tags are matched whatever their case: to a reader <THINK> is a think tag.
+THINK_OPEN_RE, THINK_CLOSE_RE = re.compile("<think>", re.IGNORECASE), re.compile("</think>", re.IGNORECASE)
+FORBIDDEN_TAG_RE = re.compile(r"</?(?:think|reasoning|answer)>", re.IGNORECASE)
+# Literal chat-template markers in a row's text would become real turn tokens: such rows are dropped.
+TEMPLATE_MARKER_RE = re.compile(r"<(?:start_of_turn|end_of_turn|bos|eos|pad)>")
+# Control characters other than tab, newline and carriage return (NUL, escape, C1 controls ...).
+CONTROL_CHAR_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"
 END_OF_TURN = "<end_of_turn>"
 # Bump when the stored format or the row processing changes: older caches are then rebuilt.
@@ -78,25 +89,30 @@ GENERATION_BUDGET_STEP = 128
 
 # ----------------------------------------------------------------------------- 1. rewrite
 
+def is_blank(text: str) -> bool:
+    """Nothing a reader sees: whitespace and invisible format characters (zero-width spaces, BOM, soft hyphen)."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text.strip())
+
+
 def rewrite_with_reason(response: str) -> tuple[str | None, str]:
     """The rewritten completion and "", or None and the named reason the row is dropped for."""
-    start = response.find(THINK_OPEN)
-    if start < 0:
+    think_open = THINK_OPEN_RE.search(response)
+    if not think_open:
         return None, "no_think"
-    if response[:start].strip():
+    if not is_blank(response[:think_open.start()]):
         return None, "text_before_think"
-    end = response.find(THINK_CLOSE, start)
-    if end < 0:
+    think_close = THINK_CLOSE_RE.search(response, think_open.end())
+    if not think_close:
         return None, "unclosed_think"
-    reasoning, answer = response[start + len(THINK_OPEN):end], response[end + len(THINK_CLOSE):]
-    if THINK_OPEN in answer:
+    reasoning, answer = response[think_open.end():think_close.start()], response[think_close.end():]
+    if THINK_OPEN_RE.search(answer):
         return None, "multiple_think"
-    if any(tag in reasoning or tag in answer for tag in FORBIDDEN_TAGS):
+    if FORBIDDEN_TAG_RE.search(reasoning) or FORBIDDEN_TAG_RE.search(answer):
         return None, "nested_tags"
     reasoning, answer = reasoning.strip(), answer.strip()
-    if not reasoning:
+    if is_blank(reasoning):
         return None, "empty_reasoning"
-    if not answer:
+    if is_blank(answer):
         return None, "empty_answer"
     return f"<reasoning>{reasoning}</reasoning>\n<answer>{answer}</answer>", ""
 
@@ -255,6 +271,18 @@ def example_from_ids(sp: spm.SentencePieceProcessor, prompt_ids: list[int], comp
     return tokens, loss_mask
 
 
+def bytes_per_token_bound(sp: spm.SentencePieceProcessor) -> int:
+    """The most UTF-8 bytes of text one token can stand for: the tokenizer's longest piece, in bytes.
+
+    With Gemma's tokenizer settings (identity normalisation, byte fallback) every token is one piece of the
+    text or one byte of it, so a text of more than ``max_len * bound`` bytes has more than ``max_len`` tokens
+    and cannot fit: it is dropped without being tokenized. The bound is generous: a piece's "▁" counts its 3
+    bytes though it stands for a 1-byte space, a byte piece ``<0x41>`` counts 6 (the tiny tokenizer's longest
+    piece, 11 spaces, counts 33 bytes; English runs at about 4 bytes a token).
+    """
+    return max(len(piece.encode()) for piece in sp.id_to_piece(list(range(sp.get_piece_size()))))
+
+
 def tokenize_example(sp: spm.SentencePieceProcessor, prompt_text: str, completion_text: str,
                      max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
     """One row's tokens and loss mask; None when it exceeds max_len (dropped, never truncated)."""
@@ -266,12 +294,15 @@ def tokenize_example(sp: spm.SentencePieceProcessor, prompt_text: str, completio
 # cannot even be parsed.
 
 def read_jsonl(path: Path, start: int, stop: int) -> Iterator[dict | str]:
-    """Rows of a JSON-lines file; a bad line becomes "invalid_utf8" or "malformed_json", never an exception."""
+    """Rows of a JSON-lines file; a bad line becomes "invalid_utf8" or "malformed_json", never an exception.
+
+    A UTF-8 byte-order mark (as Windows tools write one) is skipped.
+    """
     with open(path, "rb") as f:
         lines = (line for line in f if line.strip())
         for line in itertools.islice(lines, start, stop or None):
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8-sig"))
             except UnicodeDecodeError:
                 yield "invalid_utf8"
                 continue
@@ -282,12 +313,16 @@ def read_jsonl(path: Path, start: int, stop: int) -> Iterator[dict | str]:
 
 
 def read_parquet(path: Path, start: int, stop: int) -> Iterator[dict | str]:
-    """Rows of a Parquet file, read a record batch at a time."""
-    parquet = pq.ParquetFile(path)
-    _check_columns(parquet.schema_arrow.names, path)
-    batches = parquet.iter_batches(columns=[PROMPT_COLUMN, RESPONSE_COLUMN])
-    rows = (row for batch in batches for row in batch.to_pylist())
-    yield from itertools.islice(rows, start, stop or None)
+    """Rows of a Parquet file, read a record batch at a time; a file that cannot be read stops with one line."""
+    try:
+        parquet = pq.ParquetFile(path)
+        _check_columns(parquet.schema_arrow.names, path)
+        batches = parquet.iter_batches(columns=[PROMPT_COLUMN, RESPONSE_COLUMN])
+        rows = (row for batch in batches for row in batch.to_pylist())
+        yield from itertools.islice(rows, start, stop or None)
+    except (pa.ArrowException, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"source {path} cannot be read as Parquet ({message}): re-download or re-write it") from err
 
 
 def read_hf(name: str, split: str, start: int, stop: int) -> Iterator[dict | str]:
@@ -310,10 +345,8 @@ def _check_columns(names: Iterable[str], source: Any) -> None:
 
 def read_source(data_cfg: DataConfig) -> Iterator[dict | str]:
     """Rows of the configured source: a local .jsonl / .parquet file, else a Hugging Face dataset name."""
-    path = Path(data_cfg.source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"source file {path} does not exist: set --data.source")
+    path = local_source(data_cfg)
+    if path:
         reader = read_parquet if path.suffix == ".parquet" else read_jsonl
         return reader(path, data_cfg.start, data_cfg.stop)
     return read_hf(data_cfg.source, data_cfg.split, data_cfg.start, data_cfg.stop)
@@ -332,12 +365,16 @@ def check_fields(record: dict | str) -> tuple[str, str] | str:
             return "null_field"
         if not isinstance(value, str):
             return "non_string_field"
-        if not value.strip():
+        if is_blank(value):
             return "empty_field"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates from a "\ud800" escape
             return "invalid_utf8"
+        if CONTROL_CHAR_RE.search(value):
+            return "control_chars"
+        if TEMPLATE_MARKER_RE.search(value):
+            return "template_marker"
         fields.append(value)
     return fields[0], fields[1]
 
@@ -543,10 +580,12 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
     """One RowResult per row read: checked, rewritten, rendered, tokenized and length-filtered.
 
     Rows are tokenized in batches so sentencepiece can spread a batch over ``cfg.num_workers`` threads.
-    Stops once ``kept_rows_wanted(cfg)`` rows are kept, without reading further.
+    A row with more bytes than ``max_len`` tokens can hold (bytes_per_token_bound) is dropped as too_long
+    without being tokenized. Stops once ``kept_rows_wanted(cfg)`` rows are kept, without reading further.
     """
     kept, pending, kept_wanted = 0, [], kept_rows_wanted(cfg)
     threads = max(1, cfg.num_workers)
+    max_bytes = cfg.max_len * bytes_per_token_bound(sp)
     rows = iter(rows)
     while True:
         wanted = kept_wanted - kept if kept_wanted else TOKENIZE_BATCH
@@ -555,6 +594,8 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
             completion, reason = rewrite_with_reason(fields[1]) if isinstance(fields, tuple) else (None, fields)
             if completion is None:
                 yield RowResult(None, reason)
+            elif len(build_prompt(fields[0]).encode()) + len(completion.encode()) > max_bytes:
+                yield RowResult(None, "too_long")
             else:
                 pending.append((fields[0], completion))
                 if len(pending) >= min(wanted, TOKENIZE_BATCH):
@@ -750,7 +791,7 @@ def summary_line(data_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = config_from_argv(argv, "Prepare tokenized, packed training data from glaiveai reasoning rows.")
+    cfg, _ = config_from_argv(argv, "data_prep", __doc__)
     try:
         data_dir = prepare(cfg)
     except ConfigError as err:

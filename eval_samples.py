@@ -23,7 +23,6 @@ judged domains, or, for the tiny model, the held-out rows of the prepared data.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -32,12 +31,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from config import ASSETS_DIR, Config, ConfigError, EvalConfig, config_from_argv
+
+if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
+    config_from_argv(None, "eval_samples", __doc__)
+
 import jax
 import numpy as np
 from matplotlib.figure import Figure
 
 import data_prep
-from config import ASSETS_DIR, Config, ConfigError, EvalConfig, config_from_argv
 from model import build_model, check_same_tokenizer, checkpoint_step, evaluate_loss, generate, make_mesh, restore_lora
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
@@ -301,21 +304,8 @@ def _decoding(e: EvalConfig, derived: bool) -> str:
     return f"{mode}, at most {e.max_new_tokens} new tokens ({source})"
 
 
-def _flags() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--run", required=True, help="run directory written by py --out DIR")
-    parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
-    parser.add_argument("--out", help="output directory (default: RUN/eval)")
-    parser.add_argument("--prompts", help="JSONL or text file of prompts (same as --eval.prompts)")
-    parser.add_argument("--compare-base", action="store_true", help="also evaluate the base model, side by side")
-    parser.add_argument("--loss-only", action="store_true", help="only the held-out loss and perplexity")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    cfg, args = config_from_argv(argv, __doc__.splitlines()[0], _flags())
-    if args.prompts:
-        cfg.eval.prompts = args.prompts
+    cfg, args = config_from_argv(argv, "eval_samples", __doc__)
     try:
         return evaluate(cfg, Path(args.run), args.step, Path(args.out) if args.out else None,
                         args.compare_base, args.loss_only)

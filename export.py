@@ -13,13 +13,17 @@ directory (config.json, model.safetensors, tokenizer files) for transformers and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from config import EXPORT_FORMATS, Config, ConfigError, checkpoint_folder_names, config_from_argv
+
+if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
+    config_from_argv(None, "export", __doc__)
 
 import jax
 import numpy as np
@@ -28,10 +32,8 @@ from safetensors.numpy import save_file
 from tunix.models.gemma import model as gemma_lib
 
 import data_prep
-from config import Config, ConfigError, checkpoint_folder_names, config_from_argv
 from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
 
-FORMATS = ("orbax", "hf")
 # Gemma derivatives are published under the Gemma terms.
 LICENSE_NAME = "Gemma"
 # NNX module names whose Kaggle (linen) checkpoint name differs: the inverse of Tunix's _map_linen_var_names.
@@ -195,8 +197,8 @@ def upload(out_dir: Path, handle: str, notes: str) -> bool:
 def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None = None,
            upload_handle: str = "") -> Path:
     """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(EXPORT_FORMATS)}")
     step = checkpoint_step(run_dir, step)  # fail before any heavy work
     params, step = load_merged(cfg, run_dir, step)
     if fmt == "orbax":
@@ -214,20 +216,8 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
     return out_dir
 
 
-def _flags() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--run", required=True, help="run directory written by py --out DIR")
-    parser.add_argument("--format", choices=FORMATS, default="orbax",
-                        help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
-    parser.add_argument("--upload", default="", metavar="HANDLE",
-                        help="publish to this Kaggle model handle (OWNER/MODEL/FRAMEWORK/VARIATION)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> Path:
-    cfg, args = config_from_argv(argv, __doc__.splitlines()[0], _flags())
+    cfg, args = config_from_argv(argv, "export", __doc__)
     try:
         return export(cfg, Path(args.run), args.format, Path(args.out), args.step, args.upload)
     except ConfigError as err:

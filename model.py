@@ -34,9 +34,8 @@ from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
 import data_prep
-from config import Config, ConfigError, EvalConfig, ModelConfig, kaggle_checkpoint_dir
+from config import CHECKPOINT_SUBDIR, Config, ConfigError, EvalConfig, ModelConfig, kaggle_checkpoint_dir
 
-CHECKPOINT_SUBDIR = "checkpoints"
 # Peak dense bf16 FLOP/s of one device, by jax device_kind, for model FLOPs utilisation.
 PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the CPU (cpu-tiny preset): data prep, training, evaluation against the base.
-# Another preset: PRESET=kaggle bash run_pipeline.sh (on a TPU VM). Extra flags pass to every stage.
+# Another preset: PRESET=kaggle bash run_pipeline.sh (on a TPU VM). Extra --section.field overrides pass to every
+# stage (short flags such as --max-steps belong to one stage, and the others refuse them).
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${PRESET:-cpu-tiny}

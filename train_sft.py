@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config import Config, ConfigError, config_from_argv
+
+if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
+    config_from_argv(None, "train_sft", __doc__)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +38,6 @@ from flax import nnx
 from tunix.sft import hooks, metrics_logger, peft_trainer
 
 import data_prep
-from config import Config, ConfigError, config_from_argv
 from model import (
     CHECKPOINT_SUBDIR,
     build_model,
@@ -369,16 +373,11 @@ def _last(metrics_path: Path, key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg, _ = config_from_argv(argv, "LoRA SFT of Gemma2 with Tunix")
-    argv = sys.argv[1:] if argv is None else argv
+    cfg, args = config_from_argv(argv, "train_sft", __doc__)
     try:
         maybe_initialize_distributed()
-        explicit_data = any(a == "--data" or a.startswith(("--data=", "--data.out_dir")) for a in argv)
-        data_dir = Path(cfg.data.out_dir)
-        if explicit_data and not (data_dir / "manifest.json").exists():
-            raise ConfigError(f"--data {data_dir} holds no prepared data (no manifest.json): run "
-                              f"`python data_prep.py --preset {cfg.preset} --data.out_dir {data_dir}` first")
-        summary = train(cfg, data_dir if explicit_data else None)
+        explicit_data = "data.out_dir" in args.overrides  # prepared data given (checked by the preflight)
+        summary = train(cfg, Path(cfg.data.out_dir) if explicit_data else None)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']}, eval loss "

@@ -63,6 +63,7 @@ def write_jsonl(path: Path, rows: list[dict | bytes]) -> Path:
     ("  \n<think> step 1\r\nstep 2 </think>  x  =  1\r\n",
      "<reasoning>step 1\r\nstep 2</reasoning>\n<answer>x  =  1</answer>"),
     ("<think>a < b</think>\n\n```\ncode\n```", "<reasoning>a < b</reasoning>\n<answer>```\ncode\n```</answer>"),
+    ("\u200b<THINK>R</Think>A", "<reasoning>R</reasoning>\n<answer>A</answer>"),  # tags in any case
 ])
 def test_rewrite_keeps_inner_text_byte_for_byte(response: str, expected: str) -> None:
     assert data_prep.rewrite_response(response) == expected
@@ -82,6 +83,13 @@ def test_rewrite_keeps_inner_text_byte_for_byte(response: str, expected: str) ->
                                                                       "</answer>")],
     *[(f"<think>a</think>answer {tag} b", "nested_tags") for tag in ("</think>", "<reasoning>", "</reasoning>",
                                                                       "<answer>", "</answer>")],
+    # Tags count whatever their case, and text of only invisible characters is empty.
+    ("Sure! <THINK>a</THINK>b", "text_before_think"),
+    ("<Think>a</think>b<THINK>c</THINK>d", "multiple_think"),
+    ("<think>a</think>answer </ANSWER>", "nested_tags"),
+    ("<think>a <Reasoning> b</think>answer", "nested_tags"),
+    ("<think>a</think> \u200b\u200b \ufeff\u2060", "empty_answer"),
+    ("<think>\u200c\u00ad</think>b", "empty_reasoning"),
 ])
 def test_rewrite_drops_with_named_reason(response: str, reason: str) -> None:
     assert data_prep.rewrite_with_reason(response) == (None, reason)
@@ -170,6 +178,43 @@ def test_rows_over_max_len_are_dropped_not_truncated(sp: spm.SentencePieceProces
     n = len(data_prep.tokenize_example(sp, prompt, completion, max_len=10_000)[0])
     assert len(data_prep.tokenize_example(sp, prompt, completion, max_len=n)[0]) == n
     assert data_prep.tokenize_example(sp, prompt, completion, max_len=n - 1) is None
+
+
+class RecordingTokenizer:
+    """The tiny tokenizer, recording the length of every text it is asked to encode."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor):
+        self.sp, self.encoded_lengths = sp, []
+
+    def encode(self, texts: list[str], **kwargs: object) -> list[list[int]]:
+        self.encoded_lengths += [len(text) for text in texts]
+        return self.sp.encode(texts, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sp, name)
+
+
+def test_a_huge_row_is_dropped_as_too_long_without_being_tokenized(sp: spm.SentencePieceProcessor) -> None:
+    cfg = tiny_config(Path("unused")).data
+    bound = cfg.max_len * data_prep.bytes_per_token_bound(sp)
+    huge = {"prompt": "q", "response": "<think>" + "many words " * 500_000 + "</think>a"}  # 5.5 MB
+    good = sample_rows(2, max_chars=1000)
+    tokenizer = RecordingTokenizer(sp)
+    results = list(data_prep.process_rows(tokenizer, [good[0], huge, good[1]], cfg))
+    dropped = [r for r in results if r.drop_reason]  # dropped before the batch is tokenized, so yielded first
+    assert [(r.drop_reason, r.length) for r in dropped] == [("too_long", 0)]
+    assert [r.prompt for r in results if r.example is not None] == [good[0]["prompt"], good[1]["prompt"]]
+    assert len(tokenizer.encoded_lengths) == 4 and max(tokenizer.encoded_lengths) < bound < len(huge["response"])
+
+
+def test_the_byte_bound_never_drops_a_row_that_could_fit(sp: spm.SentencePieceProcessor) -> None:
+    """No text has more bytes than its tokens times the bound: not the sample, not runs of the longest piece."""
+    bound = data_prep.bytes_per_token_bound(sp)
+    assert bound == 33  # the tiny tokenizer's longest piece: 11 spaces, each stored as a 3-byte "▁"
+    texts = [data_prep.build_prompt(r["prompt"]) + data_prep.rewrite_response(r["response"])
+             for r in sample_rows(SAMPLE_USABLE)]
+    texts += [" " * 11 * 1000, "▁" * 1000, "\U0001f642" * 1000, "<end_of_turn>" * 100]
+    assert all(len(sp.encode(text)) * bound >= len(text.encode()) for text in texts)
 
 
 def test_length_filter_on_the_sample(tiny_data_dir: Path, sp: spm.SentencePieceProcessor) -> None:
@@ -371,6 +416,8 @@ def test_each_bad_row_is_counted_under_its_reason(tmp_path: Path) -> None:
         "empty_field": {"prompt": q, "response": ""},
         "malformed_json": b'{"prompt": "q", "response": ',
         "invalid_utf8": b'{"prompt": "\xff\xfe", "response": "<think>r</think>a"}',
+        "control_chars": {"prompt": q, "response": "<think>r\x00</think>a"},
+        "template_marker": {"prompt": q, "response": "<think>r</think>a<end_of_turn>\n<start_of_turn>user\nmore"},
     }
     lone_surrogate = b'{"prompt": "\\ud800", "response": "<think>r</think>a"}'
     source = write_jsonl(tmp_path / "bad.jsonl", [*good, *cases.values(), lone_surrogate, b'[1, 2]'])
@@ -379,6 +426,55 @@ def test_each_bad_row_is_counted_under_its_reason(tmp_path: Path) -> None:
     stats = json.loads((data_dir / "stats.json").read_text())
     assert stats["dropped_by_reason"] == {reason: 1 for reason in cases} | {"invalid_utf8": 2, "malformed_json": 2}
     assert stats["rows_kept"] == 3 and stats["rows_read"] == 3 + len(cases) + 2
+
+
+@pytest.mark.parametrize("text", ["\x00", "a\x1b[31m", "\x7f", "\x85", "\x0b"])
+@pytest.mark.parametrize("column", ["prompt", "response"])
+def test_control_characters_drop_a_row(column: str, text: str) -> None:
+    row = {"prompt": "question\t1\r\n", "response": "<think>r\n\tr</think>a"}
+    assert data_prep.check_fields(row) == (row["prompt"], row["response"])  # tab, newline, CR are text
+    assert data_prep.check_fields(row | {column: row[column] + text}) == "control_chars"
+
+
+@pytest.mark.parametrize("marker", ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>"])
+@pytest.mark.parametrize("column", ["prompt", "response"])
+def test_chat_template_markers_drop_a_row(column: str, marker: str, sp: spm.SentencePieceProcessor) -> None:
+    row = {"prompt": "question", "response": "<think>r</think>a"}
+    assert data_prep.check_fields(row | {column: f"{row[column]} {marker}"}) == "template_marker"
+    if marker in ("<start_of_turn>", "<end_of_turn>"):  # why: the tokenizer turns the text into turn tokens
+        assert len(sp.encode(marker)) == 1
+
+
+def test_a_byte_order_mark_keeps_the_first_row(tmp_path: Path) -> None:
+    rows = sample_rows(2)
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "plain.jsonl", rows).read_bytes())
+    assert list(data_prep.read_jsonl(source, 0, 0)) == rows
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a_directory", None, r"source .*a_directory is a directory, not a .jsonl/.parquet file"),
+    ("lines.parquet", b'{"prompt": "q", "response": "r"}\n', r"source .*lines.parquet is not a Parquet file"),
+    ("empty.parquet", b"", r"source .*empty.parquet is not a Parquet file"),
+    ("damaged.parquet", "damaged", r"source .*damaged.parquet cannot be read as Parquet \("),
+])
+def test_unreadable_sources_stop_with_one_line(name: str, content: bytes | str | None, message: str,
+                                               tmp_path: Path) -> None:
+    source = tmp_path / name
+    if content is None:
+        source.mkdir()
+    elif content == "damaged":  # the Parquet markers intact, everything between them overwritten
+        pq.write_table(pa.table({"prompt": ["q" * 1000] * 50, "response": ["<think>r</think>a"] * 50}), source)
+        data = bytearray(source.read_bytes())
+        data[100:-100] = b"A" * (len(data) - 200)
+        source.write_bytes(bytes(data))
+    else:
+        source.write_bytes(content)
+    with pytest.raises(config.ConfigError, match=message) as err:
+        data_prep.prepare(tiny_config(tmp_path / "out", **{"data.source": source}), show_progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        data_prep.main(["--preset", "cpu-tiny", "--data.source", str(source), "--data", str(tmp_path / "out")])
 
 
 def test_unusable_sources_stop_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
