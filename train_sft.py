@@ -7,7 +7,8 @@
 Top to bottom: the model with LoRA (from ``model.py``) -> optimizer and a dynamic step count
 capped by the time budget -> PeftTrainer with the packed-row loss of ``model.py`` -> orbax
 checkpoints (LoRA, optimizer, data iterator) that a re-run of the same command resumes ->
-metrics (TensorBoard, metrics.jsonl, loss PNG).
+metrics (TensorBoard, metrics.jsonl, loss PNG), with greedy generations for held-out prompts every
+``eval.generate_every`` steps that show when the model learns the answer format.
 """
 
 from __future__ import annotations
@@ -247,8 +248,8 @@ class FormatProbe:
     def maybe_run(self, train_ctx: Any, monitor: RunMonitor, final: bool = False) -> float:
         """Generates when due at the trainer's current step and there is time left; returns the seconds it took."""
         step = train_ctx.train_steps
-        if step == self.last_step or not (final or step % self.every == 0):
-            return 0.0
+        if step == self.last_step or not (final or step % self.every == 0) or monitor.stop_requested:
+            return 0.0  # not due, or SIGTERM: the final checkpoint comes first
         if monitor.deadline is not None and (time.time() + self.last_seconds + monitor.reserve_seconds()
                                              + 1.5 * (monitor.step_seconds() or 0.0)) > monitor.deadline:
             return 0.0

@@ -18,6 +18,7 @@ whose ids are valid Gemma ids (the ids it cannot decode are forbidden, as ``mode
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,15 +53,19 @@ def random_base_model(cfg: config.Config, mesh: jax.sharding.Mesh) -> nnx.Module
     graphdef, abstract_state = nnx.split(model.abstract_model(cfg.model))
     shardings = nnx.get_named_sharding(abstract_state, mesh)
     dtype, embed_dim = jnp.dtype(cfg.model.dtype), model.gemma_config(cfg.model).embed_dim
-    num_leaves = len(jax.tree.leaves(abstract_state))
+    keys = iter(jax.random.split(jax.random.key(cfg.model.init_seed), len(jax.tree.leaves(abstract_state))))
 
-    def draw(key: jax.Array) -> nnx.State:
-        keys = iter(jax.random.split(key, num_leaves))
-        return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: jax.random.normal(next(keys), leaf.shape, dtype)
-            * model.init_std(jax.tree_util.keystr(path), leaf.shape, embed_dim), abstract_state)
+    def draw(path: Any, leaf: jax.ShapeDtypeStruct, sharding: jax.sharding.NamedSharding) -> jax.Array:
+        std = model.init_std(jax.tree_util.keystr(path), leaf.shape, embed_dim)
+        return _normal(tuple(leaf.shape), dtype, sharding)(next(keys), std)
 
-    return nnx.merge(graphdef, jax.jit(draw, out_shardings=shardings)(jax.random.key(cfg.model.init_seed)))
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract_state, shardings))
+
+
+@functools.cache
+def _normal(shape: tuple[int, ...], dtype: jnp.dtype, sharding: jax.sharding.NamedSharding):
+    """One small compiled draw per shape and sharding (one module for every tensor compiles for minutes)."""
+    return jax.jit(lambda key, std: jax.random.normal(key, shape, dtype) * std.astype(dtype), out_shardings=sharding)
 
 
 def random_windows(count: int, batch: int, max_len: int, vocab: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -64,3 +64,24 @@ def test_held_out_prompts_are_the_first_n_and_an_empty_set_stops(tmp_path):
         train_sft.held_out_prompts(tmp_path, 3)
     with pytest.raises(config.ConfigError, match="--data.eval_rows"):
         config.get_config("cpu-tiny", {"data.eval_rows": "0"})
+
+
+def test_the_probe_skips_what_is_not_due_near_the_deadline_or_after_sigterm(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    import data_prep
+
+    cfg = config.get_config("cpu-tiny", {"eval.generate_every": "5"})
+    mesh = model.make_mesh(cfg)
+    with mesh:
+        probe = train_sft.FormatProbe(cfg, model.build_model(cfg, mesh), data_prep.load_tokenizer(cfg.model),
+                                      [{"domain": "held-out", "prompt": "What is 2 + 2?"}])
+    monitor = train_sft.RunMonitor(cfg, train_sft.StepPlan(100, 1e-3, 0.1, 0.1), tmp_path, deadline=None)
+    assert probe.maybe_run(SimpleNamespace(train_steps=3), monitor) == 0.0  # not a multiple of 5
+    monitor.deadline = time.time() + 3.0  # inside the 5 s kept for the final checkpoint
+    assert probe.maybe_run(SimpleNamespace(train_steps=5), monitor, final=True) == 0.0
+    monitor.deadline, monitor.stop_requested = None, True  # SIGTERM
+    assert probe.maybe_run(SimpleNamespace(train_steps=10), monitor, final=True) == 0.0
+    monitor.jsonl.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and probe.last_step is None
