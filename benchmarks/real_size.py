@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing (the first compiles)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--md", default=str(RESULTS_PATH), help="results markdown to add the row to ('' = none)")
+    command = " ".join(["python benchmarks/real_size.py", *argv])
     if "--dry-run" in argv:
         jax.config.update("jax_platforms", "cpu")
         argv = ["--preset", "cpu-tiny", "--warmup", "1", "--steps", "2", *argv]
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = measure(cfg, args.warmup, args.steps)
     print(json.dumps(result), flush=True)
     if args.md:
-        add_row(Path(args.md), table_row(result, " ".join(["python benchmarks/real_size.py", *argv])))
+        add_row(Path(args.md), table_row(result, command))
     return result
 
 
