@@ -1,9 +1,10 @@
 """Every setting of the pipeline: plain dataclasses, named presets, command-line overrides.
 
-Three presets share one code path and differ only in sizes, devices and where the
+Four presets share one code path and differ only in sizes, devices and where the
 weights come from:
 
 - ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k kept glaiveai rows (streamed from row 0), 4 epochs, lr 2e-5.
+- ``gpu``: the same run on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
 - ``unrestricted``: continues a ``kaggle`` run's LoRA on 100k kept rows that start where the kaggle
   preparation stopped reading, lr 5e-6.
 - ``cpu-tiny``: a tiny random Gemma2-architecture model on the shipped sample, on a CPU.
@@ -197,6 +198,11 @@ class EvalConfig:
     prompts: str = ""
     # Use only the first N prompts (0 = all of them).
     num_prompts: int = 0
+    # During training: greedy generations for held-out prompts every N steps, at step 0 and at the end, logged as
+    # format compliance, truncation rate and mean length (0 = off).
+    generate_every: int = 1000
+    # How many held-out prompts (the first of the prepared data's eval_prompts.jsonl) those generations use.
+    generate_prompts: int = 8
 
 
 @dataclass
@@ -220,6 +226,19 @@ class Config:
 def _kaggle() -> Config:
     cfg = Config(preset="kaggle")
     cfg.model.remat = "block"
+    return cfg
+
+
+def _gpu() -> Config:
+    """kaggle on one 80 GB NVIDIA GPU: micro-batch 4 x 8 accumulation (effective 32) with block remat needs
+    about 31 GiB by the estimate in benchmarks/results_real_size.md; no session limit, so no time budget."""
+    cfg = _kaggle()
+    cfg.preset = "gpu"
+    cfg.data.out_dir = "data/gpu"
+    cfg.run.out_dir = "runs/gpu"
+    cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
+    cfg.run.micro_batch, cfg.run.grad_accum = 4, 8
+    cfg.run.time_budget_min = 0.0
     return cfg
 
 
@@ -259,10 +278,11 @@ def _cpu_tiny() -> Config:
     cfg.run.checkpoint_every_steps = 50
     cfg.run.checkpoint_every_min = 5.0
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
+    cfg.eval.generate_every = 25
     return cfg
 
 
-PRESETS = {"kaggle": _kaggle, "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny}
+PRESETS = {"kaggle": _kaggle, "gpu": _gpu, "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny}
 
 # Short flags for the overrides people use most.
 SHORT_FLAGS = {
@@ -448,6 +468,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--run.max_steps and --run.time_budget_min must not be negative")
     if r.eval_every < 1 or r.checkpoint_every_steps < 1:
         raise ConfigError("--run.eval_every and --run.checkpoint_every_steps must be at least 1")
+    if cfg.eval.generate_every < 0 or cfg.eval.generate_prompts < 1:
+        raise ConfigError("--eval.generate_every must not be negative (0 = off) and --eval.generate_prompts must be "
+                          "at least 1")
+    if cfg.eval.generate_every and not d.eval_rows:
+        raise ConfigError("--eval.generate_every needs held-out prompts: raise --data.eval_rows above 0 or set "
+                          "--eval.generate_every 0")
 
 
 def _divisors(n: int) -> str:

@@ -36,9 +36,12 @@ from tunix.models.gemma import params as gemma_params
 import data_prep
 from config import CHECKPOINT_SUBDIR, Config, ConfigError, EvalConfig, ModelConfig, kaggle_checkpoint_dir
 
-# Peak dense bf16 FLOP/s of one device, by jax device_kind, for model FLOPs utilisation.
+# Peak dense bf16 FLOP/s of one device, by the start of its jax device_kind (the longest match wins), for model
+# FLOPs utilisation. NVIDIA's kinds carry the memory and form factor ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB
+# HBM3"): the A100s all peak at 312e12; an H100 or H200 at 989e12 in SXM form, less as PCIe or NVL cards.
 PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+              "TPU v6 lite": 918e12, "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12,
+              "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12}
 
 
 
@@ -97,16 +100,19 @@ def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> n
     rng = np.random.default_rng(seed)
 
     def draw(path: Any, leaf: Any) -> np.ndarray:
-        name = jax.tree_util.keystr(path)
-        if len(leaf.shape) == 1:
-            std = 0.1  # norm scales: RMSNorm multiplies by 1 + scale
-        elif "attn_vec_einsum" in name or "down_proj" in name:
-            std = math.prod(leaf.shape[:-1]) ** -0.5  # writes back to the residual stream
-        else:
-            std = embed_dim ** -0.5  # reads the residual stream (the embedding also projects to logits)
+        std = init_std(jax.tree_util.keystr(path), leaf.shape, embed_dim)
         return rng.standard_normal(leaf.shape, dtype=np.float32) * std
 
     return jax.tree_util.tree_map_with_path(draw, abstract_state)
+
+
+def init_std(name: str, shape: tuple[int, ...], embed_dim: int) -> float:
+    """The standard deviation of a random stand-in weight, by its path name and shape."""
+    if len(shape) == 1:
+        return 0.1  # norm scales: RMSNorm multiplies by 1 + scale
+    if "attn_vec_einsum" in name or "down_proj" in name:
+        return math.prod(shape[:-1]) ** -0.5  # writes back to the residual stream
+    return embed_dim ** -0.5  # reads the residual stream (the embedding also projects to logits)
 
 
 def _convert_kaggle_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> nnx.State:
@@ -248,16 +254,32 @@ def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]]) -> di
 # ----------------------------------------------------------------------------- generation
 
 
+def padded_prompt_length(tokenizer: spm.SentencePieceProcessor, prompts: list[dict]) -> int:
+    """One padded prompt length for every batch of these prompts, so a sampler compiles once (+1: the <bos>)."""
+    return next_power_of_2(max(len(tokenizer.encode(data_prep.build_prompt(p["prompt"]))) for p in prompts) + 1)
+
+
+def build_sampler(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompt_len: int, max_new_tokens: int
+                  ) -> Sampler:
+    """A Sampler over model's own variables: it generates with the weights as they are at each call, and it compiles
+    its prefill and decode steps once for a batch shape, so a run that generates repeatedly builds one and reuses it."""
+    mc = model.config
+    return Sampler(model, tokenizer, CacheConfig(prompt_len + max_new_tokens, mc.num_layers, mc.num_kv_heads,
+                                                 mc.head_dim))
+
+
 def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: list[dict], ecfg: EvalConfig,
-             name: str) -> list[dict]:
-    """Generates a completion per prompt in batches and checks and measures each (one record per sample)."""
+             name: str, sampler: Sampler | None = None, show_progress: bool = True) -> list[dict]:
+    """Generates a completion per prompt in batches and checks and measures each (one record per sample).
+
+    ``sampler`` (from build_sampler, with room for these prompts and ``ecfg.max_new_tokens``) is reused instead of
+    building one, so repeated calls compile nothing new.
+    """
     texts = [data_prep.build_prompt(p["prompt"]) for p in prompts]
-    # One padded prompt length and batch size for every batch, so the sampler compiles once (+1: the <bos> it adds).
-    prompt_len = next_power_of_2(max(len(tokenizer.encode(t)) for t in texts) + 1)
+    prompt_len = padded_prompt_length(tokenizer, prompts)
     batch_size = min(ecfg.batch_size, len(texts))
     mc = model.config
-    sampler = Sampler(model, tokenizer, CacheConfig(prompt_len + ecfg.max_new_tokens, mc.num_layers,
-                                                     mc.num_kv_heads, mc.head_dim))
+    sampler = sampler or build_sampler(model, tokenizer, prompt_len, ecfg.max_new_tokens)
     stop_ids = [tokenizer.piece_to_id(data_prep.END_OF_TURN), tokenizer.eos_id()]
     # The embedding table is padded past the tokenizer's pieces; such ids cannot be decoded, so never sample them.
     undecodable = range(tokenizer.get_piece_size(), mc.num_embed)
@@ -265,7 +287,8 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
     sampling = {} if ecfg.temperature <= 0 else dict(
         temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k, seed=ecfg.seed)
     records = []
-    for batch, start in enumerate(tqdm(range(0, len(texts), batch_size), desc=f"generate {name}", unit="batch")):
+    for batch, start in enumerate(tqdm(range(0, len(texts), batch_size), desc=f"generate {name}", unit="batch",
+                                       disable=not show_progress)):
         chunk = texts[start:start + batch_size]
         began = time.perf_counter()
         out = sampler(chunk + chunk[-1:] * (batch_size - len(chunk)), max_generation_steps=ecfg.max_new_tokens,
@@ -302,11 +325,16 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
     return 4 * matmul_params + 3 * attention
 
 
+def device_peak_flops(device_kind: str) -> float | None:
+    """One device's peak from PEAK_FLOPS, by the longest key its device_kind starts with (None if unknown)."""
+    known = [kind for kind in PEAK_FLOPS if device_kind.startswith(kind)]
+    return PEAK_FLOPS[max(known, key=len)] if known else None
+
+
 def peak_flops(cfg: Config) -> float | None:
-    if cfg.run.peak_flops_per_device:
-        return cfg.run.peak_flops_per_device * jax.device_count()
-    kind = jax.devices()[0].device_kind
-    return PEAK_FLOPS[kind] * jax.device_count() if kind in PEAK_FLOPS else None
+    """Peak FLOP/s of all devices together: ``run.peak_flops_per_device`` if set, else looked up by device kind."""
+    per_device = cfg.run.peak_flops_per_device or device_peak_flops(jax.devices()[0].device_kind)
+    return per_device * jax.device_count() if per_device else None
 
 
 

@@ -7,11 +7,13 @@
 Top to bottom: the model with LoRA (from ``model.py``) -> optimizer and a dynamic step count
 capped by the time budget -> PeftTrainer with the packed-row loss of ``model.py`` -> orbax
 checkpoints (LoRA, optimizer, data iterator) that a re-run of the same command resumes ->
-metrics (TensorBoard, metrics.jsonl, loss PNG).
+metrics (TensorBoard, metrics.jsonl, loss PNG), with greedy generations for held-out prompts every
+``eval.generate_every`` steps that show when the model learns the answer format.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,15 +43,18 @@ import data_prep
 from model import (
     CHECKPOINT_SUBDIR,
     build_model,
+    build_sampler,
     check_same_tokenizer,
     checkpoint_step,
     count_params,
     flops_per_token,
     gen_model_input,
+    generate,
     latest_step,
     loss_fn,
     make_mesh,
     maybe_initialize_distributed,
+    padded_prompt_length,
     peak_flops,
     restore_lora,
 )
@@ -126,6 +131,7 @@ class RunMonitor(hooks.TrainingHooks):
         self.pending_eval: dict[int, float] = {}
         self.stop_requested = False
         self.probed = False
+        self.format_probe: FormatProbe | None = None  # greedy generations every eval.generate_every steps
 
     def count(self, step: int, batch: dict[str, np.ndarray]) -> None:
         """The feeder reports each batch it feeds; the rates come from these counts."""
@@ -153,6 +159,10 @@ class RunMonitor(hooks.TrainingHooks):
         step = train_ctx.train_steps
         if step in self.step_started:
             return  # a later micro-batch of the same optimizer step
+        if self.format_probe:  # before the step's clock starts; its time is taken out of the previous step's
+            spent = self.format_probe.maybe_run(train_ctx, self)
+            if step - 1 in self.step_started:
+                self.step_started[step - 1] += spent
         self.step_started[step] = time.perf_counter()
         # With two steps in flight, starts are paced by completions: their spacing is the step time.
         if step - 1 in self.step_started and step - 2 in self.step_started:  # skips the compiling first step
@@ -209,10 +219,59 @@ class RunMonitor(hooks.TrainingHooks):
         pass
 
     def on_train_end(self, train_ctx):
-        pass
+        if self.format_probe:
+            self.format_probe.maybe_run(train_ctx, self, final=True)
 
     def on_eval_step_start(self, train_ctx):
         pass
+
+
+def held_out_prompts(data_dir: Path, count: int) -> list[dict]:
+    """The first ``count`` held-out prompts of the prepared data (rows never trained on)."""
+    lines = (data_dir / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    prompts = [{"domain": "held-out", "prompt": json.loads(line)["prompt"]} for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{data_dir}/eval_prompts.jsonl holds no prompts for --eval.generate_every: raise "
+                          f"--data.eval_rows or set --eval.generate_every 0")
+    return prompts[:count]
+
+
+class FormatProbe:
+    """Has the model learned the format yet? Every ``eval.generate_every`` steps, at step 0 and at the end, it
+    generates greedily for a fixed set of held-out prompts with one Sampler built for the whole run (so nothing
+    recompiles per call) and logs format compliance, truncation rate and mean generated length."""
+
+    def __init__(self, cfg: Config, model: nnx.Module, tokenizer: Any, prompts: list[dict], max_new_tokens: int):
+        self.every, self.model, self.tokenizer, self.prompts = cfg.eval.generate_every, model, tokenizer, prompts
+        # greedy whatever evaluation samples with, up to the run's generation budget
+        self.ecfg = dataclasses.replace(cfg.eval, temperature=0.0, max_new_tokens=max_new_tokens)
+        self.sampler = build_sampler(model, tokenizer, padded_prompt_length(tokenizer, prompts),
+                                     self.ecfg.max_new_tokens)
+        self.last_step: int | None = None
+        self.last_seconds = 0.0  # the previous call's duration: a call that would overrun the deadline is skipped
+
+    def maybe_run(self, train_ctx: Any, monitor: RunMonitor, final: bool = False) -> float:
+        """Generates when due at the trainer's current step and there is time left; returns the seconds it took."""
+        step = train_ctx.train_steps
+        if step == self.last_step or not (final or step % self.every == 0) or monitor.stop_requested:
+            return 0.0  # not due, or SIGTERM: the final checkpoint comes first
+        if monitor.deadline is not None and (time.time() + self.last_seconds + monitor.reserve_seconds()
+                                             + 1.5 * (monitor.step_seconds() or 0.0)) > monitor.deadline:
+            return 0.0
+        began = time.perf_counter()
+        records = generate(self.model, self.tokenizer, self.prompts, self.ecfg, "train", sampler=self.sampler,
+                           show_progress=False)
+        self.last_step, self.last_seconds = step, time.perf_counter() - began
+        metrics = {"format_compliance": statistics.fmean(r["format_ok"] for r in records),
+                   "truncation_rate": statistics.fmean(r["truncated"] for r in records),
+                   "generated_tokens_mean": statistics.fmean(r["generated_tokens"] for r in records)}
+        for name, value in metrics.items():
+            train_ctx.metrics_logger.log("", name, value, "eval", step)
+        monitor.write({"step": step, "loss": None, **metrics, "generate_s": self.last_seconds})
+        print(f"step {step}: {sum(r['format_ok'] for r in records)}/{len(records)} held-out generations well-formed, "
+              f"{sum(r['truncated'] for r in records)} truncated, {metrics['generated_tokens_mean']:.0f} tokens "
+              f"on average ({self.last_seconds:.1f} s)")
+        return self.last_seconds
 
 
 class BatchFeeder(hooks.DataHooks):
@@ -259,26 +318,38 @@ class SFTTrainer(peft_trainer.PeftTrainer):
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Loss and eval loss against step (the last record of a step wins, as after a resume)."""
+    """Loss and eval loss against step and, when the run generated, a second panel with format compliance and
+    truncation rate against step (the last record of a step wins, as after a resume)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = {}, {}
+    series: dict[str, dict[int, float]] = {name: {} for name in (
+        "loss", "eval_loss", "format_compliance", "truncation_rate")}
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
-        if record.get("loss") is not None:
-            train[record["step"]] = record["loss"]
-        if record.get("eval_loss") is not None:
-            evals[record["step"]] = record["eval_loss"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
-    ax.plot(sorted(evals), [evals[s] for s in sorted(evals)], "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per completion token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        for name, values in series.items():
+            if record.get(name) is not None:
+                values[record["step"]] = record[name]
+    generated = bool(series["format_compliance"])
+    fig, axes = plt.subplots(1, 2 if generated else 1, figsize=(12 if generated else 7, 4), squeeze=False)
+
+    def plot(ax: Any, name: str, style: str, label: str) -> None:
+        steps = sorted(series[name])
+        ax.plot(steps, [series[name][s] for s in steps], style, label=label)
+
+    plot(axes[0, 0], "loss", "-", "train loss")
+    plot(axes[0, 0], "eval_loss", "o-", "eval loss")
+    axes[0, 0].set(xlabel="step", ylabel="loss (nats per completion token)")
+    if generated:
+        plot(axes[0, 1], "format_compliance", "o-", "format compliance")
+        plot(axes[0, 1], "truncation_rate", "s--", "truncation rate")
+        axes[0, 1].set(xlabel="step", ylabel="fraction of held-out generations", ylim=(-0.05, 1.05),
+                       title="greedy generations for held-out prompts")
+    for ax in axes[0]:
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -299,6 +370,7 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
         checkpoint_step(cfg.run.init_from)  # fail before any heavy work
     if cfg.run.init_from:
         check_same_tokenizer(Path(cfg.run.init_from), data_dir)
+    probe_prompts = held_out_prompts(data_dir, cfg.eval.generate_prompts) if cfg.eval.generate_every else []
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(
         {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
@@ -330,6 +402,9 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
             print(f"resuming {run_dir} at step {trainer.train_steps} of {plan.total_steps}")
         deadline = started + cfg.run.time_budget_min * 60 if cfg.run.time_budget_min else None
         monitor = RunMonitor(cfg, plan, run_dir, deadline)
+        if probe_prompts:
+            monitor.format_probe = FormatProbe(cfg, model, data_prep.load_tokenizer(cfg.model), probe_prompts,
+                                               data_prep.resolve_max_new_tokens(cfg, data_dir))
         per_process_batch = cfg.run.micro_batch // jax.process_count()
         iterator = data_prep.train_loader(data_dir, per_process_batch, cfg.data.seed,
                                           shard_index=jax.process_index(), shard_count=jax.process_count())

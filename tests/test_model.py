@@ -184,3 +184,10 @@ def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
         model.check_same_tokenizer(tmp_path, tiny_data_dir)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("TPU v5 lite", 197e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+    assert model.device_peak_flops(kind) == peak

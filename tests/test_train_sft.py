@@ -161,7 +161,8 @@ def test_killed_run_resumes_at_its_checkpoint_and_matches_an_unbroken_run(tiny_r
 def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
-            "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps)}
+            "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps),
+            "eval.generate_every": str(cfg.eval.generate_every)}
 
 
 def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path):
@@ -217,3 +218,27 @@ def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
     assert summary["stopped_early"] and 0 < summary["steps"] <= summary["planned_steps"] < summary["data_steps"]
     assert summary["wall_s"] < budget_s + 10  # the final save and the summary fit in the reserve
     assert model.latest_step(tmp_path / "budget") == summary["steps"]
+
+
+# ----------------------------------------------------------------------------- the gpu preset
+
+
+def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
+    cfg, _ = config.config_from_argv(["--preset", "gpu", "--max-steps", "2"], "train")  # what train_sft.py parses
+    kaggle = config.get_config("kaggle")
+    assert (cfg.model, cfg.lora, cfg.optim, cfg.eval) == (kaggle.model, kaggle.lora, kaggle.optim, kaggle.eval)
+    assert {**vars(cfg.data), "out_dir": None} == {**vars(kaggle.data), "out_dir": None}  # same rows and windows
+    assert (cfg.model.name, cfg.model.dtype) == ("gemma2-2b-it", "bfloat16")
+    assert (cfg.run.mesh_fsdp, cfg.run.mesh_tp, cfg.run.micro_batch, cfg.run.grad_accum) == (1, 1, 4, 8)
+    assert cfg.effective_batch == kaggle.effective_batch == 32
+    assert cfg.run.time_budget_min == 0 and cfg.run.max_steps == 2
+    assert model.make_mesh(cfg).shape == {"fsdp": 1, "tp": 1}  # one device, as on one GPU
+
+
+def test_gpu_preset_takes_several_gpus_through_mesh_fsdp():
+    four = config.get_config("gpu", {"run.mesh_fsdp": "4"})
+    assert four.run.micro_batch % four.run.mesh_fsdp == 0
+    with pytest.raises(config.ConfigError, match="--run.micro_batch 4 is not divisible .* --run.mesh_fsdp 8"):
+        config.get_config("gpu", {"run.mesh_fsdp": "8"})
+    eight = config.get_config("gpu", {"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.grad_accum": "4"})
+    assert eight.effective_batch == 32
