@@ -5,8 +5,9 @@ adds the preset's LoRA (``model.apply_lora``), and times the project's trainer s
 jitted step ``PeftTrainer.train`` calls, with ``make_optimizer``, ``gen_model_input`` and ``loss_fn``) on random
 packed windows of the preset's shape: warm-up steps, then timed optimizer steps (``run.grad_accum`` micro-steps
 each, ``block_until_ready`` at the end). Then it times the Sampler (``model.generate`` with one prebuilt sampler, as
-the in-training format probe uses it) generating ``eval.max_new_tokens`` tokens (0: ``data.max_len``, the most a kept row's completion can need) for a batch of ``eval.batch_size``
-prompts. Prints one JSON line and adds a row to ``benchmarks/results_real_size.md``.
+the in-training format probe uses it) generating ``eval.max_new_tokens`` tokens (0: ``data.max_len``, the most a
+kept row's completion can need) for a batch of ``eval.batch_size`` prompts. Prints one JSON line
+and adds a row to ``benchmarks/results_real_size.md``.
 
     python benchmarks/real_size.py --preset gpu [--warmup 2] [--steps 10] [--section.field value ...]
     python benchmarks/real_size.py --dry-run     # the cpu-tiny model on the CPU: checks the code path in seconds
