@@ -221,18 +221,22 @@ class RunMonitor(hooks.TrainingHooks):
             print(f"time budget: {_clock_text(self.training_started - self.started)} spent before the first step "
                   f"(imports, data, model); {_clock_text(self.deadline - self.training_started)} left to train")
 
-    def on_train_step_start(self, train_ctx):
-        step = train_ctx.train_steps
-        if step in self.step_started:
-            return  # a later micro-batch of the same optimizer step
+    def mark_step_start(self, step: int) -> None:
+        """Times optimizer steps by their starts: with two steps in flight, starts are paced by completions,
+        so their spacing is the step time; the first interval of a process includes the compile."""
         self.step_started[step] = self.clock()
-        # With two steps in flight, starts are paced by completions: their spacing is the step time.
         if step - 1 in self.step_started:
             interval = self.step_started[step] - self.step_started[step - 1]
             if step - 2 in self.step_started:
                 self.step_times.append(interval)
             else:
-                self.first_step_s = interval  # the first step of this process: it compiled
+                self.first_step_s = interval
+
+    def on_train_step_start(self, train_ctx):
+        step = train_ctx.train_steps
+        if step in self.step_started:
+            return  # a later micro-batch of the same optimizer step
+        self.mark_step_start(step)
         lr = _learning_rate_variable(train_ctx.optimizer)
         lr.set_value(jax.device_put(jnp.asarray(self.plan.learning_rate(step), jnp.float32),
                                     lr.get_value().sharding))

@@ -57,21 +57,118 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
     assert plan.learning_rate(50) == pytest.approx(1e-4)
 
 
+class FakeClock:
+    """A clock the test drives: ``now`` is set by the test, and every reading moves it on by ``tick`` seconds
+    (a run then takes the same simulated time however busy the machine is)."""
+
+    def __init__(self, now: float = 1000.0, tick: float = 0.0):
+        self.now, self.tick = now, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_monitor_caps_the_plan_and_stops_before_the_deadline(tmp_path):
     cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3"})
     plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=time.time() + 65.0)
+    clock = FakeClock(now=0.0)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=clock)
     monitor.step_times = [2.0, 2.0, 2.0]
     ctx = SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000))
     monitor._maybe_cap_steps(ctx)
-    # 65 s left minus the 5 s tiny reserve at 2 s a step: about 30 more steps.
-    assert 38 <= plan.total_steps <= 40
+    # 65 s left minus the 5 s tiny reserve at 2 s a step: 30 more steps.
+    assert plan.total_steps == 40
     assert ctx.config.max_steps == plan.total_steps
     assert not monitor.should_stop()
-    monitor.deadline = time.time() + 6.0
+    clock.now = 59.0
     assert monitor.should_stop()
     monitor.deadline, monitor.stop_requested = None, True  # SIGTERM
     assert monitor.should_stop()
+
+
+def test_a_multi_session_plan_is_never_cut_to_the_budget(tmp_path):
+    cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3", "run.multi_session": "true"})
+    plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=FakeClock(now=0.0))
+    monitor.step_times = [2.0, 2.0, 2.0]
+    monitor._maybe_cap_steps(SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000)))
+    assert plan.total_steps == 1000  # the schedule spans the whole data; the session just stops at its deadline
+
+
+def test_the_stop_check_works_from_the_first_step(tmp_path):
+    cfg = config.get_config("cpu-tiny")  # 5 s kept back for the final save until a save is timed
+    plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
+    clock = FakeClock(now=10.0)  # 10 s of the budget went on imports, data and the build
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
+    assert not monitor.should_stop()
+    monitor.mark_step_start(0)
+    clock.now = 70.0  # the first step is still compiling after 60 s: that bounds the next one
+    assert monitor.should_stop()
+
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
+    clock.now = 10.0
+    monitor.mark_step_start(0)
+    clock.now = 30.0
+    monitor.mark_step_start(1)  # the compile-inclusive first step took 20 s
+    assert monitor.first_step_s == 20.0 and monitor.step_seconds() is None
+    clock.now = 65.0  # 65 + 1.5 x 20 + 5 = 100: the step and the save just fit
+    assert not monitor.should_stop()
+    clock.now = 66.0
+    assert monitor.should_stop()
+    clock.now = 30.0
+    for step in (2, 3):
+        clock.now += 2.0
+        monitor.mark_step_start(step)  # real steps of 2 s replace the bound
+    assert monitor.step_seconds() == 2.0
+    clock.now = 91.0  # 91 + 3 + 5 <= 100
+    assert not monitor.should_stop()
+    clock.now = 93.0
+    assert monitor.should_stop() and monitor.stopped_for_budget
+
+
+def test_the_final_save_reserve_is_learned(tmp_path):
+    cfg = config.get_config("cpu-tiny", {"run.save_reserve_s": "30"})
+    plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock())
+    assert monitor.reserve_seconds() == 30.0  # the configured guess until a save is timed
+    monitor.save_times += [3.0, 4.0]
+    assert monitor.reserve_seconds() == 8.0  # twice the slowest save
+    # A resumed session starts from the slowest save its checkpoint recorded.
+    resumed = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock(), save_seconds=6.0)
+    assert resumed.reserve_seconds() == 12.0
+
+
+def test_progress_lines_come_at_the_configured_interval(tmp_path, capsys):
+    cfg = config.get_config("cpu-tiny", {"run.log_every_s": "10"})
+    plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
+    clock = FakeClock(now=100.0)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=700.0, clock=clock, started=40.0)
+    assert monitor.show_progress  # stdout is captured here, not a terminal
+    for now, step in ((100.0, 1), (105.0, 2), (112.0, 3)):
+        clock.now = now
+        monitor.mark_step_start(step)
+        monitor.report_progress({"step": step, "loss": 2.5, **({"tokens_per_s": 1234.0} if step == 3 else {})})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # at 100 s and 112 s; not 5 s after the first
+    assert lines[0].startswith("progress: step 1 of 100, loss 2.5000, elapsed 0:01:00")
+    assert lines[0].endswith("0:10:00 left of the budget")
+    # 7 s a step (the compile-inclusive first step bounds it) for the 97 steps left; 588 s to the deadline.
+    assert lines[1] == ("progress: step 3 of 100, loss 2.5000, 1,234 tokens/s, elapsed 0:01:12, "
+                        "~0:11:19 left for the plan, 0:09:48 left of the budget")
+
+
+def test_a_torn_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')  # killed mid-write
+    monitor = train_sft.RunMonitor(config.get_config("cpu-tiny"), train_sft.StepPlan(10, 1e-3, 0.1, 0.1), tmp_path,
+                                   deadline=None, clock=FakeClock())
+    monitor.write({"step": 3, "loss": 1.8})  # the resumed run appends after the torn line
+    monitor.jsonl.close()
+    records = train_sft.read_metrics(metrics)
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 1.8
+    note = capsys.readouterr().out.strip()
+    assert note == f"{metrics}: skipped torn line 3 (written when a run was killed)"
 
 
 @pytest.mark.parametrize("grad_accum", [1, 4])
@@ -99,6 +196,7 @@ def test_the_optimizer_runs_at_the_planned_learning_rate(tiny_model, tmp_path, g
     (["--preset", "kaggle", "--run.micro_batch", "12"], "not divisible by the data-parallel size"),
     (["--preset", "cpu-tiny", "--lora.nope", "1"], "unknown setting --lora.nope"),
     (["--preset", "cpu-tiny", "--data", "/no/such/dir"], "holds no prepared data"),
+    (["--preset", "cpu-tiny", "--run.checkpoints_to_keep", "0"], "keeps no checkpoint, not even the final one"),
 ])
 def test_bad_settings_stop_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
