@@ -24,6 +24,17 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_prep.prepare(cfg, show_progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The cpu-tiny model with LoRA (B = 0: it starts equal to the base)."""
+    import model
+
+    cfg = config.get_config("cpu-tiny")
+    mesh = model.make_mesh(cfg)
+    with mesh:
+        return model.build_model(cfg, mesh)
+
+
 TINY_RUN_STEPS = 12
 
 
