@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import run_on_8_devices
+from conftest import hold_run_lock_in_a_child, run_on_8_devices
 from flax import nnx
 from tunix.sft import peft_trainer
 
@@ -231,7 +231,7 @@ def test_a_damaged_checkpoint_is_left_in_place_while_another_process_writes_the_
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run_dir)
     (run_dir / model.CHECKPOINT_SUBDIR / "16").mkdir()
-    holder = _hold_lock_in_a_child(run_dir)
+    holder = hold_run_lock_in_a_child(run_dir)
     try:
         assert model.latest_step(run_dir) == 12
         assert f"skipped; not set aside while pid {holder} on" in capsys.readouterr().out
@@ -241,26 +241,9 @@ def test_a_damaged_checkpoint_is_left_in_place_while_another_process_writes_the_
         os.waitpid(holder, 0)
 
 
-def _hold_lock_in_a_child(run_dir: Path) -> int:
-    """Forks a process that takes the run's lock as a training run does and holds it until killed."""
-    ready, tell = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child touches neither JAX nor the test's state
-        try:
-            model.lock_run(run_dir)
-            os.write(tell, b"locked")
-            signal.pause()
-        finally:
-            os._exit(0)
-    assert os.read(ready, 6) == b"locked"
-    os.close(ready)
-    os.close(tell)
-    return pid
-
-
 def test_one_writer_per_run_directory_and_a_killed_writer_blocks_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    holder = _hold_lock_in_a_child(run_dir)
+    holder = hold_run_lock_in_a_child(run_dir)
     try:
         with pytest.raises(config.ConfigError, match=rf"^{run_dir} is being trained by pid {holder} on .*: wait"):
             model.lock_run(run_dir)
