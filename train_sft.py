@@ -411,7 +411,8 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
     The run directory is locked for the whole run: one writer at a time.
     """
     run_dir = Path(cfg.run.out_dir)
-    lock_run(run_dir)
+    if jax.process_index() == 0:  # the hosts of one multi-host run share the run directory
+        lock_run(run_dir)
     try:
         return _train_locked(cfg, run_dir, data_dir, clock() if started is None else started, clock)
     finally:

