@@ -287,8 +287,9 @@ class RunMonitor(hooks.TrainingHooks):
                 or len(self.step_times) < self.cfg.run.budget_probe_steps):
             return
         self.probed = True
+        # The same margin as the stop check (half a step beyond the reserve), so the cut plan is the one trained.
         capped = budget_capped_steps(train_ctx.train_steps, self.plan.total_steps, self.step_seconds(),
-                                     self.deadline - self.clock(), self.reserve_seconds())
+                                     self.deadline - self.clock(), self.reserve_seconds() + 0.5 * self.step_seconds())
         if capped < self.plan.total_steps:
             print(f"time budget: {self.step_seconds():.2f} s/step allows {capped} of {self.plan.total_steps} "
                   f"planned steps; the schedule now ends at step {capped}")
