@@ -370,9 +370,9 @@ def _step_numbers(ckpt_dir: Path) -> list[int]:
 
 
 def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
+    """A manager that only reads (its default options neither save nor clean anything up)."""
     return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers={
-        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS},
-        options=ocp.CheckpointManagerOptions(read_only=True))
+        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
 
 
 def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
