@@ -79,8 +79,8 @@ def test_monitor_caps_the_plan_and_stops_before_the_deadline(tmp_path):
     monitor.step_times = [2.0, 2.0, 2.0]
     ctx = SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000))
     monitor._maybe_cap_steps(ctx)
-    # 65 s left minus the 5 s tiny reserve at 2 s a step: 30 more steps.
-    assert plan.total_steps == 40
+    # 65 s left minus the 5 s tiny reserve and the stop check's half-step margin, at 2 s a step: 29 more steps.
+    assert plan.total_steps == 39
     assert ctx.config.max_steps == plan.total_steps
     assert not monitor.should_stop()
     clock.now = 59.0
