@@ -168,6 +168,14 @@ class RunConfig:
     time_budget_min: float = 480.0
     # Steps timed before the time-budget cap is estimated.
     budget_probe_steps: int = 5
+    # False: one session; the plan (and its LR schedule) is cut to end inside the time budget. True: the plan
+    # spans all the data whatever the budget; each session trains until its deadline and saves, and re-running
+    # the same command continues until the plan is done.
+    multi_session: bool = False
+    # Seconds kept back for the final checkpoint until a save has been timed (then twice the slowest save).
+    save_reserve_s: float = 60.0
+    # Seconds between plain progress lines when stdout is not a terminal (logs, notebooks); 0 = none.
+    log_every_s: float = 60.0
     eval_every: int = 200
     eval_batches: int = 8
     checkpoint_every_steps: int = 200
@@ -251,6 +259,7 @@ def _unrestricted() -> Config:
     cfg.optim.learning_rate = 5e-6
     cfg.run.out_dir = "runs/unrestricted"
     cfg.run.init_from = "runs/kaggle"
+    cfg.run.multi_session = True
     return cfg
 
 
@@ -273,6 +282,8 @@ def _cpu_tiny() -> Config:
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 1
     cfg.run.epochs = 12.0
     cfg.run.time_budget_min = 30.0
+    cfg.run.save_reserve_s = 5.0
+    cfg.run.log_every_s = 10.0
     cfg.run.eval_every = 25
     cfg.run.eval_batches = 2
     cfg.run.checkpoint_every_steps = 50
@@ -466,6 +477,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--run.epochs {r.epochs} must be positive")
     if r.max_steps < 0 or r.time_budget_min < 0:
         raise ConfigError("--run.max_steps and --run.time_budget_min must not be negative")
+    if r.checkpoints_to_keep < 1:
+        raise ConfigError(f"--run.checkpoints_to_keep {r.checkpoints_to_keep} keeps no checkpoint, not even the "
+                          "final one: use at least 1")
     if r.eval_every < 1 or r.checkpoint_every_steps < 1:
         raise ConfigError("--run.eval_every and --run.checkpoint_every_steps must be at least 1")
     if cfg.eval.generate_every < 0 or cfg.eval.generate_prompts < 1:

@@ -11,11 +11,13 @@ model from here.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,15 @@ from tunix.models.gemma import params as gemma_params
 import data_prep
 from config import CHECKPOINT_SUBDIR, Config, ConfigError, EvalConfig, ModelConfig, kaggle_checkpoint_dir
 
+# The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
+CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
+RESUME_METADATA = ("data_iterator", "planned_steps")
+# The lock file of a run directory, and the runs this process holds (one writer per run).
+RUN_LOCK = "run.lock"
+_HELD_LOCKS: dict[Path, Any] = {}
+# Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
+TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
+                    "head_dim")
 # Peak dense bf16 FLOP/s of one device, by the start of its jax device_kind (the longest match wins), for model
 # FLOPs utilisation. NVIDIA's kinds carry the memory and form factor ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB
 # HBM3"): the A100s all peak at 312e12; an H100 or H200 at 989e12 in SXM form, less as PCIe or NVL cards.
@@ -341,31 +352,130 @@ def peak_flops(cfg: Config) -> float | None:
 # ----------------------------------------------------------------------------- LoRA weights of a run directory
 
 
-def latest_step(run_dir: Path) -> int | None:
-    ckpt_dir = run_dir / CHECKPOINT_SUBDIR
+def lock_run(run_dir: Path) -> None:
+    """One run directory, one writer: an OS lock on ``run_dir/run.lock`` that this process holds until
+    ``unlock_run`` or its death (the OS drops it even on SIGKILL, so a killed run never blocks its re-run).
+    A second process stops at once with one line naming the holder."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD_LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = _try_lock(run_dir)
+    if isinstance(handle, str):
+        raise ConfigError(f"{run_dir} is being trained by {handle}: wait for it to finish or stop it, "
+                          f"or pass another --out")
+    _HELD_LOCKS[run_dir] = handle
+
+
+def unlock_run(run_dir: Path) -> None:
+    handle = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+def _try_lock(run_dir: Path) -> Any:
+    """The locked, holder-stamped lock file, or the holder's description when another process has it."""
+    handle = (run_dir / RUN_LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
+
+
+def _step_numbers(ckpt_dir: Path) -> list[int]:
+    """Step directories, newest first (set-aside ``<step>.damaged-*`` and orbax temporaries are not steps)."""
     if not ckpt_dir.is_dir():
-        return None
-    with ocp.CheckpointManager(ckpt_dir.resolve()) as mgr:
-        return mgr.latest_step()
+        return []
+    return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+
+
+def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
+    """A manager that only reads (its default options neither save nor clean anything up)."""
+    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers={
+        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
+
+
+def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
+    """Why checkpoint ``step`` cannot be resumed from, or None when all of it reads back: its metadata with the
+    data position and step plan, and every array of the LoRA weights and the optimizer state."""
+    try:
+        custom = json.loads((ckpt_dir / str(step) / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"its _CHECKPOINT_METADATA does not read ({type(err).__name__})"
+    if not isinstance(custom, dict) or any(key not in custom for key in RESUME_METADATA):
+        return "its _CHECKPOINT_METADATA lacks the data position and step plan"
+    try:
+        with _checkpoint_manager(ckpt_dir) as mgr:
+            saved = mgr.item_metadata(step)
+            mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[item], is_leaf=lambda x: hasattr(x, "shape")))
+                for item in CHECKPOINT_ITEMS}))
+    except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
+        return f"it does not read back: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    return None
+
+
+def _set_aside(run_dir: Path, step: int, reason: str) -> None:
+    """Renames a damaged step directory out of the way (never deletes it), unless another process is writing
+    the run; either way says so in one line."""
+    run_dir = Path(run_dir)
+    step_dir = run_dir / CHECKPOINT_SUBDIR / str(step)
+    where = f"checkpoint {step_dir} cannot be restored ({reason})"
+    held = run_dir.resolve() in _HELD_LOCKS
+    handle = None if held else _try_lock(run_dir)
+    if isinstance(handle, str):
+        print(f"{where}: skipped; not set aside while {handle} trains into {run_dir}")
+        return
+    try:
+        target = step_dir.with_name(f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        step_dir.rename(target)
+        print(f"{where}: set aside as {target}")
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def good_steps(run_dir: Path, newest_only: bool = True) -> list[int]:
+    """Checkpoint steps of a run that read back whole, newest first (only the newest by default). Damaged
+    ones met on the way are reported and set aside, so training, evaluation, export and --init-from all
+    resume from the newest good checkpoint."""
+    ckpt_dir, good = Path(run_dir) / CHECKPOINT_SUBDIR, []
+    for step in _step_numbers(ckpt_dir):
+        if (reason := checkpoint_problem(ckpt_dir, step)) is not None:
+            _set_aside(run_dir, step, reason)
+            continue
+        good.append(step)
+        if newest_only:
+            break
+    return good
+
+
+def latest_step(run_dir: Path) -> int | None:
+    """The newest checkpoint of a run that can be restored, or None."""
+    return next(iter(good_steps(run_dir)), None)
 
 
 def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
-    """The checkpoint step to load from a run directory (its latest by default), checked before any model
-    is built: a missing run, checkpoint or step stops with one line."""
+    """The checkpoint step to load from a run directory (its newest good one by default), checked before any
+    model is built: a missing run, checkpoint or step stops with one line."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
-    ckpt_dir = run_dir / CHECKPOINT_SUBDIR
-    steps = []
-    if ckpt_dir.is_dir():
-        with ocp.CheckpointManager(ckpt_dir.resolve()) as mgr:
-            steps = list(mgr.all_steps())
+    steps = good_steps(run_dir, newest_only=step is None)
     if not steps:
-        raise ConfigError(f"no checkpoint in {ckpt_dir}: train first with "
-                          f"`python train_sft.py --out {run_dir}` or point at another run directory")
+        raise ConfigError(f"no checkpoint that can be restored in {run_dir / CHECKPOINT_SUBDIR}: train first "
+                          f"with `python train_sft.py --out {run_dir}` or point at another run directory")
     if step is not None and step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}: it has steps {sorted(steps)}")
-    return max(steps) if step is None else step
+        raise ConfigError(f"{run_dir} has no checkpoint at step {step} that can be restored: it has steps "
+                          f"{sorted(steps)}")
+    return steps[0] if step is None else step
 
 
 def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None) -> int:
@@ -377,16 +487,36 @@ def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None
     run_dir = Path(run_dir)
     step = checkpoint_step(run_dir, step)
     target = nnx.state(model, nnx.LoRAParam)
-    with ocp.CheckpointManager(
-            (run_dir / CHECKPOINT_SUBDIR).resolve(),
-            item_handlers={"model_params": ocp.PyTreeCheckpointHandler(),
-                           "optimizer_state": ocp.PyTreeCheckpointHandler()}) as mgr:
+    with _checkpoint_manager(run_dir / CHECKPOINT_SUBDIR) as mgr:
         saved = mgr.item_metadata(step)["model_params"]
         _check_compatible(run_dir, saved, target)
         restored = mgr.restore(step, args=ocp.args.Composite(model_params=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
     nnx.update(model, restored.model_params)
     return step
+
+
+def check_same_model(run_dir: Path, cfg: Config) -> None:
+    """A run trained for another model or LoRA rank cannot be resumed or started from: one line, before any
+    model is built (the tensor-by-tensor check of ``restore_lora`` is the backstop)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        theirs = json.loads(path.read_text())
+    except ValueError:
+        raise ConfigError(f"{path} does not read as JSON: restore it, or pass another --out") from None
+
+    def identity(c: dict[str, Any]) -> dict[str, Any]:
+        model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
+        return {**{f"model.{k}": c["model"][k] for k in model_keys},
+                **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
+
+    ours, recorded = identity(cfg.to_dict()), identity(theirs)
+    if diff := [k for k in ours if recorded.get(k) != ours[k]]:
+        raise ConfigError(f"{run_dir} was trained with " + ", ".join(f"--{k} {recorded.get(k)}" for k in diff)
+                          + " but this run has " + ", ".join(f"--{k} {ours[k]}" for k in diff)
+                          + ": use that run's settings, or pass another --out")
 
 
 def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:

@@ -22,9 +22,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from config import Config, ConfigError, config_from_argv
 
@@ -44,6 +45,7 @@ from model import (
     CHECKPOINT_SUBDIR,
     build_model,
     build_sampler,
+    check_same_model,
     check_same_tokenizer,
     checkpoint_step,
     count_params,
@@ -51,12 +53,14 @@ from model import (
     gen_model_input,
     generate,
     latest_step,
+    lock_run,
     loss_fn,
     make_mesh,
     maybe_initialize_distributed,
     padded_prompt_length,
     peak_flops,
     restore_lora,
+    unlock_run,
 )
 
 # Tunix 0.1.7's trainer and model read the mesh from the legacy `with mesh:` context (jax.set_mesh does not set it).
@@ -115,23 +119,74 @@ def _learning_rate_variable(optimizer: nnx.Optimizer) -> nnx.Variable:
     return state.hyperparams["learning_rate"]
 
 
+# ----------------------------------------------------------------------------- metrics log
+
+
+def open_log(path: Path) -> TextIO:
+    """Opens an append-only JSONL log. A torn last line (a kill mid-write) is ended first, so it stays one
+    unreadable line instead of spoiling the next record."""
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    handle = path.open("a")
+    if torn:
+        handle.write("\n")
+    return handle
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; torn lines are skipped with a note."""
+    records, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            torn.append(str(number))
+    if torn:
+        print(f"{path}: skipped torn line {', '.join(torn)} (written when a run was killed)")
+    return records
+
+
+def process_start_time() -> float:
+    """When this process started: the time budget counts from here (imports, data and the model build included)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class RunMonitor(hooks.TrainingHooks):
-    """Step timing, tokens/s, MFU, the LR schedule and the time budget; writes metrics.jsonl beside TensorBoard."""
+    """Step timing, tokens/s, MFU, the LR schedule, the time budget and progress lines; writes metrics.jsonl
+    beside TensorBoard. Every time it reads comes from ``clock``, so tests drive it instead of the wall."""
 
-    def __init__(self, cfg: Config, plan: StepPlan, run_dir: Path, deadline: float | None):
-        self.cfg, self.plan, self.deadline = cfg, plan, deadline
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+    def __init__(self, cfg: Config, plan: StepPlan, run_dir: Path, deadline: float | None,
+                 clock: Callable[[], float] = time.time, started: float | None = None,
+                 save_seconds: float | None = None):
+        self.cfg, self.plan, self.deadline, self.clock = cfg, plan, deadline, clock
+        self.started = clock() if started is None else started  # when the budget began
+        self.jsonl = open_log(run_dir / "metrics.jsonl")
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.max_len)
         self.peak = peak_flops(cfg)
         self.step_started: dict[int, float] = {}  # optimizer step (0-based) -> when its first micro-batch went in
         self.step_tokens: dict[int, list[int]] = {}  # optimizer step -> [tokens, loss tokens] fed
         self.step_times: list[float] = []
+        self.first_step_s: float | None = None  # compile included: an upper bound until real step times exist
+        self.training_started: float | None = None
+        # Durations of the checkpoint saves (a previous session's slowest included): the final save's reserve.
+        self.save_times: list[float] = [] if save_seconds is None else [save_seconds]
         self.pending_eval: dict[int, float] = {}
         self.stop_requested = False
+        self.stopped_for_budget = False
         self.probed = False
         self.format_probe: FormatProbe | None = None  # greedy generations every eval.generate_every steps
+        self.show_progress = cfg.run.log_every_s > 0 and not sys.stdout.isatty()
+        self.last_progress: float | None = None
 
     def count(self, step: int, batch: dict[str, np.ndarray]) -> None:
         """The feeder reports each batch it feeds; the rates come from these counts."""
@@ -140,20 +195,52 @@ class RunMonitor(hooks.TrainingHooks):
         counts[1] += int(np.count_nonzero(batch["loss_mask"]))
 
     def step_seconds(self) -> float | None:
+        """The typical step time, from steps after the compiling first one."""
         recent = self.step_times[-20:]
         return statistics.median(recent) if recent else None
+
+    def step_estimate(self) -> float | None:
+        """What the next step may take: real step times, else the compile-inclusive first step (or the time
+        the first step has run so far), else nothing yet."""
+        if (seconds := self.step_seconds() or self.first_step_s) is not None:
+            return seconds
+        return self.clock() - min(self.step_started.values()) if self.step_started else None
+
+    def reserve_seconds(self) -> float:
+        """Time kept back for the final checkpoint: twice the slowest save timed, or the configured guess."""
+        return max(1.0, 2.0 * max(self.save_times)) if self.save_times else self.cfg.run.save_reserve_s
 
     def should_stop(self) -> bool:
         """At a step boundary: stop for SIGTERM, or when the next step and the save would pass the deadline."""
         if self.stop_requested:
             return True
-        if self.deadline is None or (step := self.step_seconds()) is None:
+        if self.deadline is None:
             return False
-        return time.time() + 1.5 * step + self.reserve_seconds() > self.deadline
+        now, step = self.clock(), self.step_estimate() or 0.0
+        if now + 1.5 * step + self.reserve_seconds() <= self.deadline:
+            return False
+        if not self.stopped_for_budget:
+            self.stopped_for_budget = True
+            print(f"time budget: stopping with {_clock_text(self.deadline - now)} left (a step takes "
+                  f"{step:.2f} s, the final save is given {self.reserve_seconds():.1f} s)")
+        return True
 
-    def reserve_seconds(self) -> float:
-        """Time kept back for the final checkpoint."""
-        return 5.0 if self.cfg.model.name == "tiny" else 60.0
+    def on_train_start(self, train_ctx):
+        self.training_started = self.clock()
+        if self.deadline is not None:
+            print(f"time budget: {_clock_text(self.training_started - self.started)} spent before the first step "
+                  f"(imports, data, model); {_clock_text(self.deadline - self.training_started)} left to train")
+
+    def mark_step_start(self, step: int) -> None:
+        """Times optimizer steps by their starts: with two steps in flight, starts are paced by completions,
+        so their spacing is the step time; the first interval of a process includes the compile."""
+        self.step_started[step] = self.clock()
+        if step - 1 in self.step_started:
+            interval = self.step_started[step] - self.step_started[step - 1]
+            if step - 2 in self.step_started:
+                self.step_times.append(interval)
+            else:
+                self.first_step_s = interval
 
     def on_train_step_start(self, train_ctx):
         step = train_ctx.train_steps
@@ -163,10 +250,7 @@ class RunMonitor(hooks.TrainingHooks):
             spent = self.format_probe.maybe_run(train_ctx, self)
             if step - 1 in self.step_started:
                 self.step_started[step - 1] += spent
-        self.step_started[step] = time.perf_counter()
-        # With two steps in flight, starts are paced by completions: their spacing is the step time.
-        if step - 1 in self.step_started and step - 2 in self.step_started:  # skips the compiling first step
-            self.step_times.append(self.step_started[step] - self.step_started[step - 1])
+        self.mark_step_start(step)
         lr = _learning_rate_variable(train_ctx.optimizer)
         lr.set_value(jax.device_put(jnp.asarray(self.plan.learning_rate(step), jnp.float32),
                                     lr.get_value().sharding))
@@ -189,15 +273,37 @@ class RunMonitor(hooks.TrainingHooks):
             if name in record:
                 history.log("", name, record[name], "train", train_step)
         self.write(record)
+        self.report_progress(record)
         self._maybe_cap_steps(train_ctx)
 
+    def report_progress(self, record: dict[str, Any]) -> None:
+        """A plain progress line every run.log_every_s seconds, for logs where a progress bar is noise."""
+        now = self.clock()
+        if not self.show_progress or (self.last_progress is not None
+                                      and now - self.last_progress < self.cfg.run.log_every_s):
+            return
+        self.last_progress = now
+        step, total = record["step"], self.plan.total_steps
+        line = f"progress: step {step} of {total}, loss {record['loss']:.4f}"
+        if "tokens_per_s" in record:
+            line += f", {record['tokens_per_s']:,.0f} tokens/s"
+        line += f", elapsed {_clock_text(now - self.started)}"
+        if (seconds := self.step_estimate()) is not None:
+            line += f", ~{_clock_text((total - step) * seconds)} left for the plan"
+        if self.deadline is not None:
+            line += f", {_clock_text(self.deadline - now)} left of the budget"
+        print(line, flush=True)
+
     def _maybe_cap_steps(self, train_ctx) -> None:
-        """After the probe steps, shrink the plan (and the LR schedule with it) to what the budget allows."""
-        if self.probed or self.deadline is None or len(self.step_times) < self.cfg.run.budget_probe_steps:
+        """Single session: after the probe steps, shrink the plan (and the LR schedule with it) to what the
+        budget allows. Several sessions keep the whole plan; each one just stops at its deadline."""
+        if (self.cfg.run.multi_session or self.probed or self.deadline is None
+                or len(self.step_times) < self.cfg.run.budget_probe_steps):
             return
         self.probed = True
+        # The same margin as the stop check (half a step beyond the reserve), so the cut plan is the one trained.
         capped = budget_capped_steps(train_ctx.train_steps, self.plan.total_steps, self.step_seconds(),
-                                     self.deadline - time.time(), self.reserve_seconds())
+                                     self.deadline - self.clock(), self.reserve_seconds() + 0.5 * self.step_seconds())
         if capped < self.plan.total_steps:
             print(f"time budget: {self.step_seconds():.2f} s/step allows {capped} of {self.plan.total_steps} "
                   f"planned steps; the schedule now ends at step {capped}")
@@ -214,9 +320,6 @@ class RunMonitor(hooks.TrainingHooks):
     def write(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-
-    def on_train_start(self, train_ctx):
-        pass
 
     def on_train_end(self, train_ctx):
         if self.format_probe:
@@ -255,13 +358,13 @@ class FormatProbe:
         step = train_ctx.train_steps
         if step == self.last_step or not (final or step % self.every == 0) or monitor.stop_requested:
             return 0.0  # not due, or SIGTERM: the final checkpoint comes first
-        if monitor.deadline is not None and (time.time() + self.last_seconds + monitor.reserve_seconds()
-                                             + 1.5 * (monitor.step_seconds() or 0.0)) > monitor.deadline:
+        if monitor.deadline is not None and (monitor.clock() + self.last_seconds + monitor.reserve_seconds()
+                                             + 1.5 * (monitor.step_estimate() or 0.0)) > monitor.deadline:
             return 0.0
-        began = time.perf_counter()
+        began = monitor.clock()
         records = generate(self.model, self.tokenizer, self.prompts, self.ecfg, "train", sampler=self.sampler,
                            show_progress=False)
-        self.last_step, self.last_seconds = step, time.perf_counter() - began
+        self.last_step, self.last_seconds = step, monitor.clock() - began
         metrics = {"format_compliance": statistics.fmean(r["format_ok"] for r in records),
                    "truncation_rate": statistics.fmean(r["truncated"] for r in records),
                    "generated_tokens_mean": statistics.fmean(r["generated_tokens"] for r in records)}
@@ -272,6 +375,23 @@ class FormatProbe:
               f"{sum(r['truncated'] for r in records)} truncated, {metrics['generated_tokens_mean']:.0f} tokens "
               f"on average ({self.last_seconds:.1f} s)")
         return self.last_seconds
+
+
+class TimedCheckpoints:
+    """Tunix's checkpoint manager with every save timed: the final save's reserve is learned, not guessed."""
+
+    def __init__(self, manager: Any, monitor: RunMonitor):
+        self.manager, self.monitor = manager, monitor
+
+    def save(self, *args: Any, **kwargs: Any) -> bool:
+        began = self.monitor.clock()
+        saved = self.manager.save(*args, **kwargs)
+        if saved:
+            self.monitor.save_times.append(self.monitor.clock() - began)
+        return saved
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.manager, name)
 
 
 class BatchFeeder(hooks.DataHooks):
@@ -306,7 +426,8 @@ class SFTTrainer(peft_trainer.PeftTrainer):
     def custom_checkpoint_metadata(self) -> dict[str, Any]:
         if not hasattr(self, "feeder"):
             return {}
-        return {"data_iterator": self.feeder.iterator.get_state(), "planned_steps": self.plan.total_steps}
+        return {"data_iterator": self.feeder.iterator.get_state(), "planned_steps": self.plan.total_steps,
+                "save_s": max(self.feeder.monitor.save_times, default=None)}
 
     def _save_last_checkpoint(self):
         # PeftTrainer's own final save omits custom metadata; without it a resume would replay data.
@@ -317,7 +438,7 @@ class SFTTrainer(peft_trainer.PeftTrainer):
                                          custom_metadata=self.custom_checkpoint_metadata())
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
+def plot_losses(records: list[dict[str, Any]], png_path: Path) -> None:
     """Loss and eval loss against step and, when the run generated, a second panel with format compliance and
     truncation rate against step (the last record of a step wins, as after a resume)."""
     import matplotlib
@@ -327,8 +448,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
     series: dict[str, dict[int, float]] = {name: {} for name in (
         "loss", "eval_loss", "format_compliance", "truncation_rate")}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         for name, values in series.items():
             if record.get(name) is not None:
                 values[record["step"]] = record[name]
@@ -358,22 +478,39 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
-    """Runs (or resumes) one training run into cfg.run.out_dir and returns its summary."""
-    started = time.time()
+def train(cfg: Config, data_dir: Path | None = None, started: float | None = None,
+          clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """Runs (or resumes) one training run into cfg.run.out_dir and returns its summary.
+
+    ``started`` is when the time budget began (default: now; the command line passes the process start);
+    ``clock`` is the time source of the budget, the step timing and the progress lines (tests drive it).
+    The run directory is locked for the whole run: one writer at a time.
+    """
     run_dir = Path(cfg.run.out_dir)
+    if jax.process_index() == 0:  # the hosts of one multi-host run share the run directory
+        lock_run(run_dir)
+    try:
+        return _train_locked(cfg, run_dir, data_dir, clock() if started is None else started, clock)
+    finally:
+        unlock_run(run_dir)
+
+
+def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: float,
+                  clock: Callable[[], float]) -> dict[str, Any]:
     data_dir = data_dir or data_prep.prepare(cfg)
-    mesh = make_mesh(cfg)
     windows = data_prep.num_windows(data_dir, "train")
-    resume_step = latest_step(run_dir)
+    resume_step = latest_step(run_dir)  # damaged newer checkpoints are set aside here
+    # A run that cannot resume this one stops before any model is built, and leaves its config.json alone.
+    check_same_model(run_dir, cfg)
+    check_same_tokenizer(run_dir, data_dir)
     if cfg.run.init_from and resume_step is None:
         checkpoint_step(cfg.run.init_from)  # fail before any heavy work
-    if cfg.run.init_from:
+        check_same_model(Path(cfg.run.init_from), cfg)
         check_same_tokenizer(Path(cfg.run.init_from), data_dir)
     probe_prompts = held_out_prompts(data_dir, cfg.eval.generate_prompts) if cfg.eval.generate_every else []
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(
         {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
+    mesh = make_mesh(cfg)
 
     with mesh:
         model = build_model(cfg, mesh)
@@ -390,18 +527,23 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
             eval_every_n_steps=cfg.run.eval_every, max_steps=plan.total_steps,
             gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None,
             checkpoint_root_directory=str((run_dir / CHECKPOINT_SUBDIR).resolve()),
-            checkpointing_options=ocp.CheckpointManagerOptions(save_decision_policy=checkpoint_policy,
-                                                               max_to_keep=cfg.run.checkpoints_to_keep),
+            # Saves finish before training goes on, so each one is timed whole (the final save's reserve).
+            checkpointing_options=ocp.CheckpointManagerOptions(
+                save_decision_policy=checkpoint_policy, max_to_keep=cfg.run.checkpoints_to_keep,
+                enable_async_checkpointing=False, cleanup_tmp_directories=True),
             metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(run_dir / "tensorboard"),
                                                                         flush_every_n_steps=10),
             pbar_description=f"train {cfg.preset}"))
         restored = trainer._restored_custom_metadata or {}
+        session_start_step = trainer.train_steps
         if trainer.train_steps:
-            plan.total_steps = restored.get("planned_steps", plan.total_steps)
+            plan.total_steps = restored["planned_steps"]
             trainer.config.max_steps = plan.total_steps
             print(f"resuming {run_dir} at step {trainer.train_steps} of {plan.total_steps}")
         deadline = started + cfg.run.time_budget_min * 60 if cfg.run.time_budget_min else None
-        monitor = RunMonitor(cfg, plan, run_dir, deadline)
+        monitor = RunMonitor(cfg, plan, run_dir, deadline, clock=clock, started=started,
+                             save_seconds=restored.get("save_s"))
+        trainer.checkpoint_manager = TimedCheckpoints(trainer.checkpoint_manager, monitor)
         if probe_prompts:
             monitor.format_probe = FormatProbe(cfg, model, data_prep.load_tokenizer(cfg.model), probe_prompts,
                                                data_prep.resolve_max_new_tokens(cfg, data_dir))
@@ -424,25 +566,37 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
             signal.signal(signal.SIGTERM, previous)
             monitor.jsonl.close()
 
+    records = read_metrics(run_dir / "metrics.jsonl")
+    saved_step = latest_step(run_dir)
+    plan_done = trainer.train_steps >= plan.total_steps
     summary = {
         "steps": trainer.train_steps, "data_steps": data_steps, "planned_steps": plan.total_steps,
+        # single: the plan was cut to fit one session; multi: re-run the same command until plan_done.
+        "sessions": "multi" if cfg.run.multi_session else "single",
+        "session_steps": trainer.train_steps - session_start_step, "plan_done": plan_done,
+        "plan_progress": trainer.train_steps / plan.total_steps,
         "epochs": trainer.train_steps * cfg.effective_batch / windows,
         "tokens_seen": trainer.train_steps * cfg.effective_batch * cfg.data.max_len,
-        "wall_s": time.time() - started, "stopped_early": trainer.train_steps < data_steps,
-        "final_loss": _last(run_dir / "metrics.jsonl", "loss"),
-        "final_eval_loss": _last(run_dir / "metrics.jsonl", "eval_loss"),
-        "checkpoint": str(run_dir / CHECKPOINT_SUBDIR / str(latest_step(run_dir))),
+        "wall_s": clock() - started, "stopped_early": trainer.train_steps < data_steps,
+        "stopped_for_budget": monitor.stopped_for_budget,
+        "startup_s": None if monitor.training_started is None else monitor.training_started - started,
+        "first_step_s": monitor.first_step_s, "save_s_max": max(monitor.save_times, default=None),
+        "final_loss": _last(records, "loss"), "final_eval_loss": _last(records, "eval_loss"),
+        "checkpoint": None if saved_step is None else str(run_dir / CHECKPOINT_SUBDIR / str(saved_step)),
         "trainable_params": count_params(model, nnx.LoRAParam), "total_params": count_params(model),
         "step_s_median": monitor.step_seconds(), "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
     }
     (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    plot_losses(records, run_dir / "loss_curve.png")
+    if cfg.run.multi_session and not plan_done:
+        print(f"session over at step {trainer.train_steps} of {plan.total_steps} "
+              f"({100 * summary['plan_progress']:.0f}% of the plan): re-run the same command to continue")
     return summary
 
 
-def _last(metrics_path: Path, key: str) -> float | None:
-    values = [r[key] for r in map(json.loads, metrics_path.read_text().splitlines()) if r.get(key) is not None]
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
     return values[-1] if values else None
 
 
@@ -452,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         maybe_initialize_distributed()
         explicit_data = "data.out_dir" in args.overrides  # prepared data given (checked by the preflight)
-        summary = train(cfg, Path(cfg.data.out_dir) if explicit_data else None)
+        summary = train(cfg, Path(cfg.data.out_dir) if explicit_data else None, started=process_start_time())
     except ConfigError as err:
         sys.exit(f"error: {err}")
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']}, eval loss "

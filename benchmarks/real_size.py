@@ -228,7 +228,8 @@ def add_row(path: Path, row: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpu", help=f"one of {', '.join(config.PRESETS)}")
     parser.add_argument("--dry-run", action="store_true", help="the cpu-tiny preset on the CPU, a few steps")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing (the first compiles)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
@@ -237,9 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "--dry-run" in argv:
         jax.config.update("jax_platforms", "cpu")
         argv = ["--preset", "cpu-tiny", "--warmup", "1", "--steps", "2", *argv]
-    elif "--preset" not in argv:
-        argv = ["--preset", "gpu", *argv]
-    cfg, args = config.config_from_argv(argv, __doc__.splitlines()[0], parser)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = config.get_config(args.preset, config.parse_overrides(rest))
+    except config.ConfigError as err:
+        sys.exit(f"error: {err}")
     result = measure(cfg, args.warmup, args.steps)
     print(json.dumps(result), flush=True)
     if args.md:

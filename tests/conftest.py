@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -62,3 +63,23 @@ def run_on_8_devices(script: str) -> str:
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def hold_run_lock_in_a_child(run_dir: Path) -> int:
+    """Forks a process that takes the run's lock as a training run does and holds it until killed."""
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child touches neither JAX nor the test's state
+        try:
+            import model
+
+            model.lock_run(run_dir)
+            os.write(tell, b"locked")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(tell)  # so that a child that failed to lock reads as an empty pipe, not a hang
+    locked = os.read(ready, 6)
+    os.close(ready)
+    assert locked == b"locked"
+    return pid

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 
 import jax.numpy as jnp
 import pytest
-from conftest import TINY_RUN_STEPS, run_on_8_devices, tiny_run_config
+from conftest import TINY_RUN_STEPS, hold_run_lock_in_a_child, run_on_8_devices, tiny_run_config
 from flax import nnx
 
 import config
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train_sft.read_metrics(run_dir / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- step planning
@@ -57,21 +59,118 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
     assert plan.learning_rate(50) == pytest.approx(1e-4)
 
 
+class FakeClock:
+    """A clock the test drives: ``now`` is set by the test, and every reading moves it on by ``tick`` seconds
+    (a run then takes the same simulated time however busy the machine is)."""
+
+    def __init__(self, now: float = 1000.0, tick: float = 0.0):
+        self.now, self.tick = now, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_monitor_caps_the_plan_and_stops_before_the_deadline(tmp_path):
     cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3"})
     plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=time.time() + 65.0)
+    clock = FakeClock(now=0.0)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=clock)
     monitor.step_times = [2.0, 2.0, 2.0]
     ctx = SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000))
     monitor._maybe_cap_steps(ctx)
-    # 65 s left minus the 5 s tiny reserve at 2 s a step: about 30 more steps.
-    assert 38 <= plan.total_steps <= 40
+    # 65 s left minus the 5 s tiny reserve and the stop check's half-step margin, at 2 s a step: 29 more steps.
+    assert plan.total_steps == 39
     assert ctx.config.max_steps == plan.total_steps
     assert not monitor.should_stop()
-    monitor.deadline = time.time() + 6.0
+    clock.now = 59.0
     assert monitor.should_stop()
     monitor.deadline, monitor.stop_requested = None, True  # SIGTERM
     assert monitor.should_stop()
+
+
+def test_a_multi_session_plan_is_never_cut_to_the_budget(tmp_path):
+    cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3", "run.multi_session": "true"})
+    plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=FakeClock(now=0.0))
+    monitor.step_times = [2.0, 2.0, 2.0]
+    monitor._maybe_cap_steps(SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000)))
+    assert plan.total_steps == 1000  # the schedule spans the whole data; the session just stops at its deadline
+
+
+def test_the_stop_check_works_from_the_first_step(tmp_path):
+    cfg = config.get_config("cpu-tiny")  # 5 s kept back for the final save until a save is timed
+    plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
+    clock = FakeClock(now=10.0)  # 10 s of the budget went on imports, data and the build
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
+    assert not monitor.should_stop()
+    monitor.mark_step_start(0)
+    clock.now = 70.0  # the first step is still compiling after 60 s: that bounds the next one
+    assert monitor.should_stop()
+
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
+    clock.now = 10.0
+    monitor.mark_step_start(0)
+    clock.now = 30.0
+    monitor.mark_step_start(1)  # the compile-inclusive first step took 20 s
+    assert monitor.first_step_s == 20.0 and monitor.step_seconds() is None
+    clock.now = 65.0  # 65 + 1.5 x 20 + 5 = 100: the step and the save just fit
+    assert not monitor.should_stop()
+    clock.now = 66.0
+    assert monitor.should_stop()
+    clock.now = 30.0
+    for step in (2, 3):
+        clock.now += 2.0
+        monitor.mark_step_start(step)  # real steps of 2 s replace the bound
+    assert monitor.step_seconds() == 2.0
+    clock.now = 91.0  # 91 + 3 + 5 <= 100
+    assert not monitor.should_stop()
+    clock.now = 93.0
+    assert monitor.should_stop() and monitor.stopped_for_budget
+
+
+def test_the_final_save_reserve_is_learned(tmp_path):
+    cfg = config.get_config("cpu-tiny", {"run.save_reserve_s": "30"})
+    plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock())
+    assert monitor.reserve_seconds() == 30.0  # the configured guess until a save is timed
+    monitor.save_times += [3.0, 4.0]
+    assert monitor.reserve_seconds() == 8.0  # twice the slowest save
+    # A resumed session starts from the slowest save its checkpoint recorded.
+    resumed = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock(), save_seconds=6.0)
+    assert resumed.reserve_seconds() == 12.0
+
+
+def test_progress_lines_come_at_the_configured_interval(tmp_path, capsys):
+    cfg = config.get_config("cpu-tiny", {"run.log_every_s": "10"})
+    plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
+    clock = FakeClock(now=100.0)
+    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=700.0, clock=clock, started=40.0)
+    assert monitor.show_progress  # stdout is captured here, not a terminal
+    for now, step in ((100.0, 1), (105.0, 2), (112.0, 3)):
+        clock.now = now
+        monitor.mark_step_start(step)
+        monitor.report_progress({"step": step, "loss": 2.5, **({"tokens_per_s": 1234.0} if step == 3 else {})})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # at 100 s and 112 s; not 5 s after the first
+    assert lines[0].startswith("progress: step 1 of 100, loss 2.5000, elapsed 0:01:00")
+    assert lines[0].endswith("0:10:00 left of the budget")
+    # 7 s a step (the compile-inclusive first step bounds it) for the 97 steps left; 588 s to the deadline.
+    assert lines[1] == ("progress: step 3 of 100, loss 2.5000, 1,234 tokens/s, elapsed 0:01:12, "
+                        "~0:11:19 left for the plan, 0:09:48 left of the budget")
+
+
+def test_a_torn_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')  # killed mid-write
+    monitor = train_sft.RunMonitor(config.get_config("cpu-tiny"), train_sft.StepPlan(10, 1e-3, 0.1, 0.1), tmp_path,
+                                   deadline=None, clock=FakeClock())
+    monitor.write({"step": 3, "loss": 1.8})  # the resumed run appends after the torn line
+    monitor.jsonl.close()
+    records = train_sft.read_metrics(metrics)
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 1.8
+    note = capsys.readouterr().out.strip()
+    assert note == f"{metrics}: skipped torn line 3 (written when a run was killed)"
 
 
 @pytest.mark.parametrize("grad_accum", [1, 4])
@@ -99,6 +198,7 @@ def test_the_optimizer_runs_at_the_planned_learning_rate(tiny_model, tmp_path, g
     (["--preset", "kaggle", "--run.micro_batch", "12"], "not divisible by the data-parallel size"),
     (["--preset", "cpu-tiny", "--lora.nope", "1"], "unknown setting --lora.nope"),
     (["--preset", "cpu-tiny", "--data", "/no/such/dir"], "holds no prepared data"),
+    (["--preset", "cpu-tiny", "--run.checkpoints_to_keep", "0"], "keeps no checkpoint, not even the final one"),
 ])
 def test_bad_settings_stop_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -130,32 +230,106 @@ def test_tiny_run_learns_logs_and_checkpoints(tiny_run_dir):
     assert list((tiny_run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
-def test_killed_run_resumes_at_its_checkpoint_and_matches_an_unbroken_run(tiny_run_dir, tiny_data_dir, tmp_path):
+def _final_losses(run_dir: Path) -> tuple[float, float]:
+    records = read_metrics(run_dir)
+    return ([r["loss"] for r in records if r.get("loss") is not None][-1],
+            [r["eval_loss"] for r in records if "eval_loss" in r][-1])
+
+
+def test_a_run_killed_between_writing_and_renaming_a_checkpoint_resumes_exactly(tiny_run_dir, tiny_data_dir,
+                                                                                 tmp_path):
+    """The process freezes (SIGSTOP) once checkpoint 8 is written in full under orbax's temporary name, just
+    before the rename that publishes it, and is then killed (SIGKILL): the re-run resumes from checkpoint 4
+    and ends with the unbroken run's weights."""
     run_dir = tmp_path / "killed"
     cfg = tiny_run_config(run_dir, tiny_data_dir)
-    args = [sys.executable, "train_sft.py", "--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
-    args += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
+    argv += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
+    script = f"""
+import os, signal, sys
+from pathlib import Path
+from orbax.checkpoint._src.path import async_path
+rename = async_path.rename
+async def rename_after_a_freeze(src, dst):
+    if Path(dst).name == "8":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return await rename(src, dst)
+async_path.rename = rename_after_a_freeze
+import train_sft
+train_sft.main({argv!r})
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and (model.latest_step(run_dir) or 0) < 4:
-            time.sleep(0.5)
-        # Checkpoint 4 is complete (orbax writes to a temporary name and renames); kill without warning.
-        time.sleep(1.5)
-        process.send_signal(signal.SIGKILL)
+        give_up = time.time() + 400  # only a hung child ends this wait; the freeze itself is deterministic
+        status = 0
+        while time.time() < give_up:
+            pid, status = os.waitpid(process.pid, os.WUNTRACED | os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.2)
+        assert os.WIFSTOPPED(status), f"the training process did not freeze at the rename (status {status})"
+        ckpt_dir = run_dir / model.CHECKPOINT_SUBDIR
+        assert (ckpt_dir / "8.orbax-checkpoint-tmp").is_dir() and not (ckpt_dir / "8").exists()
     finally:
+        process.kill()
         process.wait(timeout=60)
-    saved = model.latest_step(run_dir)
-    assert saved is not None and 4 <= saved < TINY_RUN_STEPS
-    summary = train_sft.train(cfg, tiny_data_dir)
+    assert model.latest_step(run_dir) == 4
+    summary = train_sft.train(cfg, tiny_data_dir)  # the killed writer's lock does not block the re-run
     assert summary["steps"] == TINY_RUN_STEPS
-    steps_after_resume = [r["step"] for r in read_metrics(run_dir)][-(TINY_RUN_STEPS - saved):]
-    assert steps_after_resume == list(range(saved + 1, TINY_RUN_STEPS + 1))
+    assert not list(ckpt_dir.glob("*.orbax-checkpoint-tmp*"))
+    steps_after_resume = [r["step"] for r in read_metrics(run_dir)][-(TINY_RUN_STEPS - 4):]
+    assert steps_after_resume == list(range(5, TINY_RUN_STEPS + 1))
     # Same batches, same schedule, same optimizer state: the same final weights as the unbroken run.
-    unbroken = read_metrics(tiny_run_dir)
-    assert summary["final_loss"] == pytest.approx(unbroken[-1]["loss"], abs=1e-4)
-    assert summary["final_eval_loss"] == pytest.approx(
-        [r["eval_loss"] for r in unbroken if "eval_loss" in r][-1], abs=1e-4)
+    assert _final_losses(run_dir) == pytest.approx(_final_losses(tiny_run_dir), abs=1e-4)
+
+
+def test_a_run_resumes_past_a_damaged_checkpoint_and_a_torn_metrics_line(tiny_run_dir, tiny_data_dir, tmp_path,
+                                                                         capsys):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(tiny_run_dir, run_dir)
+    ckpt_dir = run_dir / model.CHECKPOINT_SUBDIR
+    (ckpt_dir / "12" / "_CHECKPOINT_METADATA").write_text("{not json")  # the data position would be lost
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 13, "lo')  # a kill mid-write
+    summary = train_sft.train(tiny_run_config(run_dir, tiny_data_dir), tiny_data_dir)
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpt_dir / '12'} cannot be restored" in out and "skipped torn line" in out
+    assert f"resuming {run_dir} at step 8 of {TINY_RUN_STEPS}" in out
+    assert len(list(ckpt_dir.glob("12.damaged-*"))) == 1
+    assert summary["checkpoint"] == str(ckpt_dir / "12"), (sorted(p.name for p in ckpt_dir.iterdir()), summary, out)
+    assert summary["steps"] == TINY_RUN_STEPS and (run_dir / "run_summary.json").exists()
+    assert _final_losses(run_dir) == pytest.approx(_final_losses(tiny_run_dir), abs=1e-4)
+
+
+def test_an_existing_run_of_another_rank_or_tokenizer_stops_before_the_build_and_keeps_its_config(
+        tiny_run_dir, tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_sft, "build_model", lambda *_: pytest.fail("the model was built"))
+    run_dir = tmp_path / "existing"
+    shutil.copytree(tiny_run_dir, run_dir)
+    recorded = (run_dir / "config.json").read_text()
+    with pytest.raises(config.ConfigError, match=r"was trained with --lora.rank 16 but this run has --lora.rank 8: "):
+        train_sft.train(tiny_run_config(run_dir, tiny_data_dir, **{"lora.rank": "8"}), tiny_data_dir)
+    with pytest.raises(config.ConfigError, match=r"was trained with --model.num_layers 4 but this run has "):
+        train_sft.train(tiny_run_config(run_dir, tiny_data_dir, **{"model.num_layers": "2"}), tiny_data_dir)
+    other_tokenizer = json.loads(recorded)
+    other_tokenizer["data_manifest"]["tokenizer_sha256"] = "0" * 64
+    (run_dir / "config.json").write_text(json.dumps(other_tokenizer))
+    with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
+        train_sft.train(tiny_run_config(run_dir, tiny_data_dir), tiny_data_dir)
+    assert json.loads((run_dir / "config.json").read_text()) == other_tokenizer  # never overwritten
+
+
+def test_a_second_process_on_a_run_being_trained_stops_at_once(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_sft.data_prep, "prepare", lambda *_: pytest.fail("the data was prepared"))
+    run_dir = tmp_path / "busy"
+    holder = hold_run_lock_in_a_child(run_dir)  # as a training process holds it
+    try:
+        with pytest.raises(config.ConfigError, match=rf"is being trained by pid {holder} on .*: wait for it"):
+            train_sft.train(tiny_run_config(run_dir, tiny_data_dir))
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
 
 
 def _overrides(cfg: config.Config) -> dict[str, str]:
@@ -178,8 +352,8 @@ def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_da
 
 def test_init_from_a_run_of_another_rank_names_both_sides(tiny_run_dir, tiny_data_dir, tmp_path):
     cfg = tiny_run_config(tmp_path / "r8", tiny_data_dir, **{"lora.rank": "8", "run.init_from": str(tiny_run_dir)})
-    with pytest.raises(config.ConfigError, match=r"holds model tiny with LoRA rank 16 .* needs \(.*8"):
-        train_sft.train(cfg, tiny_data_dir)
+    with pytest.raises(config.ConfigError, match=r"was trained with --lora.rank 16 but this run has --lora.rank 8"):
+        train_sft.train(cfg, tiny_data_dir)  # before the model is built: see the test above
 
 
 # ----------------------------------------------------------------------------- 8 simulated devices
@@ -211,20 +385,55 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
 
 
 def test_a_run_stops_and_saves_before_its_time_budget(tiny_data_dir, tmp_path):
-    budget_s = 50.0
+    """Single session: the plan and its LR schedule are cut to end inside the budget. The clock is simulated
+    (each reading is one second later), so how busy the machine is changes nothing."""
+    budget_s, startup_s = 90.0, 20.0
     cfg = tiny_run_config(tmp_path / "budget", tiny_data_dir, **{"run.max_steps": "0",
                                                                   "run.time_budget_min": str(budget_s / 60)})
-    summary = train_sft.train(cfg, tiny_data_dir)
-    assert summary["stopped_early"] and 0 < summary["steps"] <= summary["planned_steps"] < summary["data_steps"]
-    assert summary["wall_s"] < budget_s + 10  # the final save and the summary fit in the reserve
+    clock = FakeClock(tick=1.0)
+    summary = train_sft.train(cfg, tiny_data_dir, started=clock.now - startup_s, clock=clock)
+    assert summary["sessions"] == "single" and summary["stopped_early"] and summary["stopped_for_budget"]
+    assert summary["planned_steps"] < summary["data_steps"]  # the schedule was cut to the budget ...
+    assert 0 < summary["planned_steps"] - 1 <= summary["steps"] <= summary["planned_steps"]  # ... and trained
+    assert summary["startup_s"] >= startup_s  # what went before training counts against the budget
+    assert summary["wall_s"] <= budget_s  # the final save and the summary fit in the reserve
     assert model.latest_step(tmp_path / "budget") == summary["steps"]
+    lrs = [r["learning_rate"] for r in read_metrics(tmp_path / "budget") if r.get("loss") is not None]
+    assert lrs[-1] < 0.2 * cfg.optim.learning_rate  # the cosine decay ends with the cut plan, not at data_steps
+
+
+def test_a_multi_session_plan_continues_over_three_sessions(tiny_run_dir, tiny_data_dir, tmp_path):
+    """Multi-session: the schedule spans the whole plan; each session trains until its deadline and saves,
+    and re-running the same command continues. Three short simulated sessions end with the unbroken run's
+    weights."""
+    run_dir, budget_s = tmp_path / "sessions", 35.0
+    cfg = tiny_run_config(run_dir, tiny_data_dir, **{"run.multi_session": "true",
+                                                      "run.time_budget_min": str(budget_s / 60)})
+    summaries = []
+    for _ in range(3):
+        clock = FakeClock(tick=1.0)
+        summaries.append(train_sft.train(cfg, tiny_data_dir, started=clock.now - 10.0, clock=clock))
+        assert summaries[-1]["wall_s"] <= budget_s
+    steps = [s["steps"] for s in summaries]
+    assert 0 < steps[0] < steps[1] < steps[2] == TINY_RUN_STEPS, steps
+    assert [s["plan_done"] for s in summaries] == [False, False, True]
+    assert all(s["sessions"] == "multi" and s["planned_steps"] == TINY_RUN_STEPS for s in summaries)
+    assert summaries[0]["plan_progress"] == pytest.approx(steps[0] / TINY_RUN_STEPS)
+    assert json.loads((run_dir / "run_summary.json").read_text())["plan_done"]
+    plan = train_sft.StepPlan(TINY_RUN_STEPS, cfg.optim.learning_rate, cfg.optim.warmup_ratio,
+                              cfg.optim.end_lr_ratio)
+    train = [r for r in read_metrics(run_dir) if r.get("loss") is not None]
+    assert [r["step"] for r in train] == list(range(1, TINY_RUN_STEPS + 1))
+    assert [r["learning_rate"] for r in train] == pytest.approx([plan.learning_rate(s) for s in range(12)])
+    assert _final_losses(run_dir) == pytest.approx(_final_losses(tiny_run_dir), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- the gpu preset
 
 
 def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
-    cfg, _ = config.config_from_argv(["--preset", "gpu", "--max-steps", "2"], "train")  # what train_sft.py parses
+    """What `python train_sft.py --preset gpu --max-steps 2` parses and validates."""
+    cfg, _ = config.config_from_argv(["--preset", "gpu", "--max-steps", "2"], "train_sft", "doc")
     kaggle = config.get_config("kaggle")
     assert (cfg.model, cfg.lora, cfg.optim, cfg.eval) == (kaggle.model, kaggle.lora, kaggle.optim, kaggle.eval)
     assert {**vars(cfg.data), "out_dir": None} == {**vars(kaggle.data), "out_dir": None}  # same rows and windows
