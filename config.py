@@ -166,6 +166,9 @@ class RunConfig:
     # Another run directory whose LoRA weights start this run (fresh optimizer).
     init_from: str = ""
     seed: int = 0
+    # JAX's persistent compilation cache, so that a resumed session loads the compiled steps instead of
+    # compiling them again; empty = <run.out_dir>/jax_cache.
+    compile_cache_dir: str = ""
     # Peak bf16 FLOP/s of one device, for model FLOPs utilisation (0 = look it up).
     peak_flops_per_device: float = 0.0
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,17 @@ def loss_fn(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, position
     """Mean NLL over loss tokens (the completion), never over the prompt or padding."""
     nll_sum, loss_tokens = nll_sums(model, tokens, loss_mask, positions, attention_mask, loss_chunk)
     return nll_sum / jnp.maximum(loss_tokens, 1.0), {"loss_tokens": loss_tokens}
+
+
+def make_loss_fn(loss_chunk: int) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """``loss_fn`` at a chunk size, for ``PeftTrainer.with_loss_fn(..., has_aux=True)``: a plain function of the
+    loss's inputs (nnx's grad binds keyword arguments by signature, which a ``functools.partial`` hides)."""
+
+    def chunked_loss_fn(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
+                        attention_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return loss_fn(model, tokens, loss_mask, positions, attention_mask, loss_chunk)
+
+    return chunked_loss_fn
 
 
 @functools.partial(nnx.jit, static_argnames="loss_chunk")
