@@ -60,6 +60,9 @@ class ModelConfig:
     cache_dir: str = "~/.cache/tunix_sft"
     # Activation rematerialisation: "none", "block" or "decoder".
     remat: str = "none"
+    # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
+    # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
+    loss_chunk: int = 512
     # Sizes of the "tiny" model (ignored for gemma2-2b-it).
     num_layers: int = 4
     vocab_size: int = 2048
@@ -186,6 +189,9 @@ class RunConfig:
     # Another run directory whose LoRA weights start this run (fresh optimizer).
     init_from: str = ""
     seed: int = 0
+    # JAX's persistent compilation cache, so that a resumed session loads the compiled steps instead of
+    # compiling them again; empty = <run.out_dir>/jax_cache.
+    compile_cache_dir: str = ""
     # Peak bf16 FLOP/s of one device, for model FLOPs utilisation (0 = look it up).
     peak_flops_per_device: float = 0.0
 
@@ -444,6 +450,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
     if m.remat not in ("none", "block", "decoder"):
         raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
+    if m.loss_chunk < 0:
+        raise ConfigError(f"--model.loss_chunk {m.loss_chunk} must not be negative: use 0 (full logits) or more")
     sizes = model_sizes(m)
     num_heads, num_kv_heads, window = sizes["num_heads"], sizes["num_kv_heads"], sizes["sliding_window"]
     if r.mesh_fsdp < 1 or r.mesh_tp < 1:

@@ -13,6 +13,7 @@ metrics (TensorBoard, metrics.jsonl, loss PNG), with greedy generations for held
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +23,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 from tunix.sft import hooks, metrics_logger, peft_trainer
 
 import data_prep
@@ -54,7 +56,7 @@ from model import (
     generate,
     latest_step,
     lock_run,
-    loss_fn,
+    make_loss_fn,
     make_mesh,
     maybe_initialize_distributed,
     padded_prompt_length,
@@ -159,6 +161,62 @@ def process_start_time() -> float:
 def _clock_text(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def compilation_cache(cache_dir: Path) -> Iterator[None]:
+    """JAX's persistent compilation cache in cache_dir while the run builds and trains: a resumed session loads
+    its compiled steps from there. Every executable is kept (no minimum compile time), so it works on a CPU too."""
+    settings = {"jax_compilation_cache_dir": str(cache_dir), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache_lib.reset_cache()  # JAX settles on a cache (or none) at a process's first compile
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache_lib.reset_cache()
+
+
+class CompileLog:
+    """Compiles per jitted function (an executable compiled, or loaded from the persistent cache) and their
+    seconds (tracing, lowering, compiling or loading), from jax.monitoring's compile events. PeftTrainer.train()
+    clears every listener when it ends, so a log covers one run."""
+
+    BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+    TIMED = (BACKEND_COMPILE, "/jax/core/compile/jaxpr_trace_duration",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+    def __init__(self):
+        self.compiles: dict[str, int] = {}
+        self.from_cache: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.cache_hit_pending = False
+        jax.monitoring.register_event_listener(self.on_event)
+        jax.monitoring.register_event_duration_secs_listener(self.on_duration)
+
+    def on_event(self, event: str, **_: Any) -> None:
+        # Reported inside the backend compile it answers, just before that compile's duration.
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hit_pending = True
+
+    def on_duration(self, event: str, seconds: float, fun_name: str = "?", **_: Any) -> None:
+        if event not in self.TIMED:
+            return
+        name = fun_name.removeprefix("jit(").removesuffix(")")  # "f" when traced, "jit(f)" when compiled
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if event == self.BACKEND_COMPILE:
+            self.compiles[name] = self.compiles.get(name, 0) + 1
+            self.from_cache[name] = self.from_cache.get(name, 0) + self.cache_hit_pending
+            self.cache_hit_pending = False
+
+    def summary(self, names: dict[str, str]) -> dict[str, dict[str, float]]:
+        """``{label: {"compiles", "from_cache", "seconds"}}`` for the functions named ``{label: fun_name}``."""
+        return {label: {"compiles": self.compiles.get(name, 0), "from_cache": self.from_cache.get(name, 0),
+                        "seconds": round(self.seconds.get(name, 0.0), 3)} for label, name in names.items()}
 
 
 class RunMonitor(hooks.TrainingHooks):
@@ -512,7 +570,9 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
     mesh = make_mesh(cfg)
 
-    with mesh:
+    cache_dir = Path(cfg.run.compile_cache_dir).expanduser() if cfg.run.compile_cache_dir else run_dir / "jax_cache"
+    with mesh, compilation_cache(cache_dir.resolve()):
+        compile_log = CompileLog()
         model = build_model(cfg, mesh)
         if cfg.run.init_from and resume_step is None:
             step = restore_lora(model, cfg.run.init_from)
@@ -555,7 +615,8 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         eval_batches = data_prep.eval_batches(data_dir, per_process_batch)[:cfg.run.eval_batches]
         trainer.feeder = BatchFeeder(iterator, eval_batches, monitor, cfg.run.grad_accum)
         trainer.plan = plan
-        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(loss_fn, has_aux=True)
+        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk),
+                                                                       has_aux=True)
         trainer.with_training_hooks(monitor)
         trainer.with_data_hooks(trainer.feeder)
 
@@ -586,6 +647,8 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         "trainable_params": count_params(model, nnx.LoRAParam), "total_params": count_params(model),
         "step_s_median": monitor.step_seconds(), "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
+        "compiles": compile_log.summary({"train_step": "_train_step", "eval_step": "_eval_step"}),
+        "compile_s_total": round(sum(compile_log.seconds.values()), 3),
     }
     (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
     plot_losses(records, run_dir / "loss_curve.png")

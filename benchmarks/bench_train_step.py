@@ -76,7 +76,7 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
 
     import config
     import train_sft
-    from model import build_model, count_params, gen_model_input, loss_fn, make_mesh
+    from model import build_model, count_params, gen_model_input, make_loss_fn, make_mesh
 
     cfg = config.get_config("cpu-tiny", {**PEER_SHAPE, "data.max_len": str(seq), "run.micro_batch": str(batch),
                                          "optim.learning_rate": str(PEER_LR)})
@@ -91,7 +91,7 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
                                   end_lr_ratio=1.0)  # constant lr, like the peer
         trainer = train_sft.SFTTrainer(model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
             eval_every_n_steps=10**9, max_steps=warmup + steps, pbar_description=None))
-        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(loss_fn, has_aux=True)
+        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
         train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
         losses, times, first_s = [], [], None
         cpu0 = None

@@ -332,6 +332,33 @@ def test_a_second_process_on_a_run_being_trained_stops_at_once(tiny_data_dir, tm
         os.waitpid(holder, 0)
 
 
+def test_steps_compile_once_per_run(tiny_run_dir):
+    compiles = json.loads((tiny_run_dir / "run_summary.json").read_text())["compiles"]
+    for step in ("train_step", "eval_step"):  # 12 train steps and 4 evaluations, one compile each
+        assert (compiles[step]["compiles"], compiles[step]["from_cache"]) == (1, 0), compiles
+    assert any((tiny_run_dir / "jax_cache").iterdir())
+
+
+def test_a_resumed_session_loads_its_steps_from_the_compile_cache(tiny_data_dir, tmp_path):
+    """Two sessions, each its own process as on Kaggle: the second resumes at step 2 and compiles nothing."""
+    run_dir = tmp_path / "sessions"
+    cfg = tiny_run_config(run_dir, tiny_data_dir, **{"run.max_steps": "4", "run.checkpoint_every_steps": "2",
+                                                     "run.eval_every": "2"})
+    args = [sys.executable, "train_sft.py", "--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
+    args += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
+    summaries = []
+    for _ in range(2):
+        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summaries.append(json.loads((run_dir / "run_summary.json").read_text()))
+        shutil.rmtree(run_dir / model.CHECKPOINT_SUBDIR / "4")  # the next session resumes at step 2
+    first, resumed = summaries
+    assert first["steps"] == resumed["steps"] == 4
+    for step in ("train_step", "eval_step"):
+        assert (first["compiles"][step]["compiles"], first["compiles"][step]["from_cache"]) == (1, 0), first
+        assert (resumed["compiles"][step]["compiles"], resumed["compiles"][step]["from_cache"]) == (1, 1), resumed
+
+
 def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
