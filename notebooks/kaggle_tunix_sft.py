@@ -158,14 +158,17 @@ print(f"MAX_GENERATION_STEPS = {MAX_GENERATION_STEPS} (kept completions: p50 {co
 # %% [markdown]
 # ## Fine-tuning with Tunix
 #
-# `train_sft.train` builds the mesh and the abstract Gemma2, restores the Kaggle weights straight
-# into their shards, applies qwix LoRA and runs Tunix's `PeftTrainer` with a packed-row mask and a
-# gather cross-entropy; it writes `RUN_DIR/checkpoints/<step>/` (LoRA + optimizer), `metrics.jsonl`,
+# `train_sft.train` builds the mesh and the abstract Gemma2 (`model.py`), restores the Kaggle weights
+# straight into their shards, applies qwix LoRA and runs Tunix's `PeftTrainer` with a packed-row mask
+# and a chunked cross-entropy that never holds the full 256k-vocabulary logits. Its time budget counts
+# from the kernel's start, so the install, the data preparation and the compile are spent out of it;
+# every `eval.generate_every` steps it generates for 8 held-out prompts and logs format compliance
+# (the second panel of `loss_curve.png`). It writes `RUN_DIR/checkpoints/<step>/` (LoRA + optimizer), `metrics.jsonl`,
 # TensorBoard logs, `loss_curve.png` and `run_summary.json`. The **final checkpoint of the
 # single-session run** is the highest `<step>` under `RUN_DIR/checkpoints/`.
 
 # %%
-summary = train_sft.train(cfg, data_dir)
+summary = train_sft.train(cfg, data_dir, started=train_sft.process_start_time())
 print(json.dumps(summary, indent=1))
 final_checkpoint = Path(summary["checkpoint"])
 print(f"final checkpoint: {final_checkpoint}")
