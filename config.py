@@ -48,6 +48,9 @@ class ModelConfig:
     cache_dir: str = "~/.cache/tunix_sft"
     # Activation rematerialisation: "none", "block" or "decoder".
     remat: str = "none"
+    # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
+    # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
+    loss_chunk: int = 512
     # Sizes of the "tiny" model (ignored for gemma2-2b-it).
     num_layers: int = 4
     vocab_size: int = 2048
@@ -340,6 +343,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
     if m.remat not in ("none", "block", "decoder"):
         raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
+    if m.loss_chunk < 0:
+        raise ConfigError(f"--model.loss_chunk {m.loss_chunk} must not be negative: use 0 (full logits) or more")
     num_heads, num_kv_heads, window = (8, 4, 4096) if m.name == "gemma2-2b-it" else (
         m.num_heads, m.num_kv_heads, m.sliding_window)
     if r.mesh_fsdp < 1 or r.mesh_tp < 1:

@@ -211,35 +211,96 @@ def gen_model_input(batch: dict[str, Any]) -> dict[str, Any]:
 
 def token_losses(model: nnx.Module, tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array
                  ) -> jax.Array:
-    """Per-token next-token NLL, [B, L-1], as logsumexp minus the target's logit: no one-hot over the vocabulary."""
+    """Per-token next-token NLL, [B, L-1], from the full logits (logsumexp minus the target's logit)."""
     logits, _ = model(tokens, positions, None, attention_mask)
     logits = logits[:, :-1].astype(jnp.float32)
     target_logits = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logits
 
 
-def loss_fn(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
-            attention_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean NLL over loss tokens (the completion), never over the prompt or padding."""
+def final_hidden_states(model: nnx.Module, tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array
+                        ) -> jax.Array:
+    """[B, L, D] final-normed hidden states, through the model's own ``__call__`` (which qwix wraps: calling the
+    layers one by one would skip LoRA). The logits it also computes are unused, so XLA drops them under jit."""
+    model(tokens, positions, None, attention_mask, output_hidden_states=True)
+    return nnx.pop(model, nnx.Intermediate)["all_hidden_states"].get_value()[-1]
+
+
+def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
+                    ) -> jax.Array:
+    """sum(NLL x weight) over [B, T] positions, chunk positions of every row at a time, so that only one
+    [B, chunk, vocab] block of logits ever exists, in the backward pass too (each chunk is recomputed there).
+
+    Each row's weighted positions are moved to its front first, so chunks past the row with the most loss
+    tokens hold none and are skipped (a ``cond``, both ways). Rows stay rows: a batch sharded over devices
+    stays sharded. The LM head and the final soft-cap are Gemma's own (``embedder.decode``, tanh(x/c)*c).
+    """
+    batch, length, dim = hidden.shape
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
+    hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    targets, weights = jnp.take_along_axis(targets, order, axis=1), jnp.take_along_axis(weights, order, axis=1)
+    pad = -length % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+    num_chunks = (length + pad) // chunk
+    # [chunks, B, chunk, ...]: the scan runs over the first axis.
+    hidden = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
+    targets = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    weights = weights.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    softcap = model.final_logits_softcap
+
+    def weighted_nll(h: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+        logits = model.embedder.decode(h)
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
+        logits = logits.astype(jnp.float32)
+        target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * w)
+
+    @jax.checkpoint
+    def chunk_sum(h: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.cond(jnp.any(w != 0), weighted_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, w)
+
+    def step(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return total + chunk_sum(*xs), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    return total
+
+
+def nll_sums(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
+             attention_mask: jax.Array, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of the loss tokens' NLL, number of loss tokens). ``loss_chunk`` positions per row at a time
+    (``chunked_nll_sum``), or 0 for the full [B, L, vocab] logits at once."""
     weights = loss_mask[:, 1:].astype(jnp.float32)
-    nll = token_losses(model, tokens, positions, attention_mask)
-    loss_tokens = jnp.sum(weights)
-    return jnp.sum(nll * weights) / jnp.maximum(loss_tokens, 1.0), {"loss_tokens": loss_tokens}
+    if loss_chunk:
+        hidden = final_hidden_states(model, tokens, positions, attention_mask)[:, :-1]
+        nll_sum = chunked_nll_sum(model, hidden, tokens[:, 1:], weights, loss_chunk)
+    else:
+        nll_sum = jnp.sum(token_losses(model, tokens, positions, attention_mask) * weights)
+    return nll_sum, jnp.sum(weights)
 
 
-@nnx.jit
-def _nll_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    inputs = gen_model_input(batch)
-    weights = inputs["loss_mask"][:, 1:].astype(jnp.float32)
-    nll = token_losses(model, inputs["tokens"], inputs["positions"], inputs["attention_mask"])
-    return jnp.sum(nll * weights), jnp.sum(weights)
+def loss_fn(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
+            attention_mask: jax.Array, loss_chunk: int = ModelConfig.loss_chunk
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean NLL over loss tokens (the completion), never over the prompt or padding."""
+    nll_sum, loss_tokens = nll_sums(model, tokens, loss_mask, positions, attention_mask, loss_chunk)
+    return nll_sum / jnp.maximum(loss_tokens, 1.0), {"loss_tokens": loss_tokens}
 
 
-def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+@functools.partial(nnx.jit, static_argnames="loss_chunk")
+def _batch_nll_sums(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    return nll_sums(model, **gen_model_input(batch), loss_chunk=loss_chunk)
+
+
+def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]],
+                  loss_chunk: int = ModelConfig.loss_chunk) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over batches, without training."""
     total, count = 0.0, 0.0
     for batch in batches:
-        nll_sum, weight_sum = _nll_sums(model, batch)
+        nll_sum, weight_sum = _batch_nll_sums(model, batch, loss_chunk)
         total, count = total + float(nll_sum), count + float(weight_sum)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": int(count)}

@@ -12,6 +12,7 @@ metrics (TensorBoard, metrics.jsonl, loss PNG).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -334,7 +335,8 @@ def train(cfg: Config, data_dir: Path | None = None) -> dict[str, Any]:
         eval_batches = data_prep.eval_batches(data_dir, per_process_batch)[:cfg.run.eval_batches]
         trainer.feeder = BatchFeeder(iterator, eval_batches, monitor, cfg.run.grad_accum)
         trainer.plan = plan
-        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(loss_fn, has_aux=True)
+        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(
+            functools.partial(loss_fn, loss_chunk=cfg.model.loss_chunk), has_aux=True)
         trainer.with_training_hooks(monitor)
         trainer.with_data_hooks(trainer.feeder)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -77,6 +78,87 @@ def test_gather_loss_equals_tunix_one_hot_loss(tiny_model):
                                                       "positions": np.asarray(inputs["positions"])}])
     assert evaluated["loss"] == pytest.approx(float(reference), rel=1e-5)
     assert evaluated["loss_tokens"] == 16
+
+
+def loss_batch(packed: bool, seed: int = 2) -> dict[str, np.ndarray]:
+    """Two windows of 23 tokens: packed (rows of 9 + 8 tokens, then padding) or one row each."""
+    rng = np.random.default_rng(seed)
+    length = 23
+    tokens = rng.integers(5, 2000, (2, length)).astype(np.int32)
+    if packed:
+        segment_ids = np.array([[1] * 9 + [2] * 8 + [0] * 6, [1] * 12 + [2] * 11], np.int32)
+        positions = np.array([list(range(9)) + list(range(8)) + [0] * 6, list(range(12)) + list(range(11))],
+                             np.int32)
+        loss_mask = np.zeros((2, length), np.int32)
+        loss_mask[0, 4:9] = loss_mask[0, 12:17] = loss_mask[1, 5:12] = loss_mask[1, 15:23] = 1
+    else:
+        segment_ids = np.ones((2, length), np.int32)
+        positions = np.tile(np.arange(length, dtype=np.int32), (2, 1))
+        loss_mask = np.zeros((2, length), np.int32)
+        loss_mask[0, 6:] = loss_mask[1, 3:20] = 1
+    return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+
+def loss_and_lora_grads(lora_model: nnx.Module, batch: dict[str, np.ndarray], loss_chunk: int):
+    """The loss and its gradient w.r.t. the LoRA params, as the trainer takes it."""
+    grad_fn = nnx.value_and_grad(lambda m, inputs: model.loss_fn(m, **inputs, loss_chunk=loss_chunk),
+                                 argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    (loss, aux), grads = nnx.jit(grad_fn)(lora_model, model.gen_model_input(batch))
+    return float(loss), float(aux["loss_tokens"]), {p: np.asarray(v.get_value()) for p, v in grads.flat_state()}
+
+
+@pytest.fixture(scope="module")
+def trained_lora_model(tiny_model):
+    """The tiny model with nonzero LoRA B (as after training), so LoRA changes the logits."""
+    lora = nnx.state(tiny_model, nnx.LoRAParam)
+    rng = np.random.default_rng(3)
+    nnx.update(tiny_model, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.05, x.dtype), lora))
+    yield tiny_model
+    nnx.update(tiny_model, lora)
+
+
+# 22 positions a row: neither 5 nor 7 divides it
+@pytest.mark.parametrize(("packed", "chunk"), [(False, 5), (True, 7)], ids=["unpacked", "packed"])
+def test_chunked_loss_equals_the_full_logits_loss_in_value_and_lora_gradient(trained_lora_model, packed, chunk):
+    batch = loss_batch(packed)
+    full_loss, full_tokens, full_grads = loss_and_lora_grads(trained_lora_model, batch, loss_chunk=0)
+    assert full_tokens == batch["loss_mask"][:, 1:].sum()
+    nonzero = [p for p, g in full_grads.items() if np.abs(g).max() > 1e-4]
+    assert len(nonzero) == len(full_grads)  # every LoRA tensor (attention and MLP) gets a gradient to compare
+    loss, tokens, grads = loss_and_lora_grads(trained_lora_model, batch, loss_chunk=chunk)
+    assert tokens == full_tokens
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for path, grad in grads.items():
+        np.testing.assert_allclose(grad, full_grads[path], rtol=1e-5, atol=1e-5 * np.abs(full_grads[path]).max(),
+                                   err_msg=str(path))
+
+
+def test_chunked_loss_applies_lora_and_the_final_softcap(trained_lora_model):
+    """The chunked loss goes through LoRA (a different LoRA, a different loss) and Gemma's logit soft-cap."""
+    batch = [loss_batch(packed=True)]
+    chunked = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
+    lora = nnx.state(trained_lora_model, nnx.LoRAParam)
+    nnx.update(trained_lora_model, jax.tree.map(jnp.zeros_like, lora))
+    without_lora = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
+    nnx.update(trained_lora_model, lora)
+    assert abs(chunked - without_lora) > 1e-3
+    softcap = trained_lora_model.final_logits_softcap
+    trained_lora_model.final_logits_softcap = None
+    uncapped = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
+    uncapped_full = model.evaluate_loss(trained_lora_model, batch, loss_chunk=0)["loss"]
+    trained_lora_model.final_logits_softcap = softcap
+    assert uncapped == pytest.approx(uncapped_full, rel=1e-5) and abs(uncapped - chunked) > 1e-4
+
+
+def test_chunked_eval_loss_skips_nothing_it_should_count(trained_lora_model):
+    """evaluate_loss with chunks equals the full-logits value, on a batch whose second half has no loss tokens."""
+    batch = loss_batch(packed=True)
+    batch["loss_mask"][:, 12:] = 0
+    full = model.evaluate_loss(trained_lora_model, [batch], loss_chunk=0)
+    for chunk in (4, 512):  # 512: one chunk, mostly padding
+        chunked = model.evaluate_loss(trained_lora_model, [batch], loss_chunk=chunk)
+        assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
+        assert chunked["loss_tokens"] == full["loss_tokens"] == 5 + 7
 
 
 def test_mesh_must_match_the_devices():
