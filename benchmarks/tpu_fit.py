@@ -112,6 +112,17 @@ def make_abstract(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:
                                     state, shardings))
 
 
+def train_loss_fn(cfg: Config) -> Any:
+    """``model.loss_fn`` at the preset's chunk size, as a plain function of the loss's inputs (nnx's grad binds
+    keyword arguments by signature, which a ``functools.partial`` hides)."""
+
+    def loss_fn(trained: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
+                attention_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return model.loss_fn(trained, tokens, loss_mask, positions, attention_mask, cfg.model.loss_chunk)
+
+    return loss_fn
+
+
 def abstract_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> train_sft.SFTTrainer:
     """The training run's trainer over an abstract LoRA model and optimizer state, placed on mesh."""
     graphdef, state = nnx.split(model.abstract_model(cfg.model))
@@ -122,7 +133,7 @@ def abstract_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> train_sft.SFTTrain
     trainer = train_sft.SFTTrainer(lora_model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
         eval_every_n_steps=10**9, max_steps=1,
         gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None))
-    trainer.with_gen_model_input_fn(model.gen_model_input).with_loss_fn(model.loss_fn, has_aux=True)
+    trainer.with_gen_model_input_fn(model.gen_model_input).with_loss_fn(train_loss_fn(cfg), has_aux=True)
     make_abstract(trainer.model, mesh)
     make_abstract(trainer.optimizer, mesh)  # its LoRA-sized zeros from the constructor are dropped here
     return trainer
@@ -211,7 +222,7 @@ def markdown_row(cfg: Config, target: str, row: dict[str, float], seconds: dict[
 
 
 def loss_name(cfg: Config) -> str:
-    return "logsumexp - target, full logits"
+    return f"chunks of {cfg.model.loss_chunk}" if cfg.model.loss_chunk else "full logits"
 
 
 def peak_rss_gib() -> float:

@@ -46,7 +46,7 @@ def test_dry_run_compiles_the_trainer_step_and_appends_its_row(tmp_path):
     assert text.count(tpu_fit.TABLE_HEAD) == 1
     rows = [line for line in text.splitlines() if "| cpu x1 | cpu-tiny |" in line]
     assert [r.split(" | ")[3] for r in rows] == ["none", "block"]
-    assert all("| 2 x 64 x 1 |" in r for r in rows)
+    assert all(f"| 2 x 64 x 1 | {tpu_fit.loss_name(cfg)} |" in r for r in rows)
     assert "`python benchmarks/tpu_fit.py --dry-run --results" in rows[0]
 
 
