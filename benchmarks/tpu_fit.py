@@ -1,0 +1,294 @@
+"""Does a preset's train step fit a TPU we do not have? Compile it ahead of time for the topology and read back
+its memory per chip and its cost.
+
+The step is the one ``PeftTrainer`` runs each micro-batch: the project's ``SFTTrainer`` with
+``train_sft.make_optimizer`` (under ``optax.MultiSteps`` when the preset accumulates), ``model.gen_model_input``
+and ``model.loss_fn``, jitted by ``trainer.jit_train_and_eval_step`` (without the Python-side graph cache,
+which leaves the compiled program as it is). Every input is abstract: the model is ``model.abstract_model``
+in the preset's dtype with ``model.apply_lora`` under ``nnx.eval_shape``; model, optimizer state and batch
+are ``ShapeDtypeStruct``s with the ``NamedSharding``s that training gives them. No weight is allocated.
+
+It needs ``libtpu`` (the TPU compiler) but no TPU; keep it out of the project's own venv:
+
+    python3 -m venv /tmp/tpu-venv
+    /tmp/tpu-venv/bin/pip install -r requirements.txt 'jax[tpu]==0.10.2'    # jax as in requirements.txt
+    TPU_ACCELERATOR_TYPE=v5litepod-8 /tmp/tpu-venv/bin/python benchmarks/tpu_fit.py \
+        [--preset kaggle] [--topology v5e:2x4] [--section.field value ...]
+
+One compile of the Gemma2-2B step takes 10-20 minutes on 2 cores and about 16 GB of RAM. Each run prints a
+row and appends it to ``benchmarks/results_tpu_fit.md``. ``--dry-run`` compiles the cpu-tiny preset's
+step for this machine's CPU devices instead (seconds; the tests run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import resource
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tunix.models.gemma import model as gemma_lib  # noqa: E402
+from tunix.sft import peft_trainer, sharding_utils  # noqa: E402
+
+import data_prep  # noqa: E402
+import model  # noqa: E402
+import train_sft  # noqa: E402
+from config import Config, ConfigError, get_config, parse_overrides  # noqa: E402
+
+RESULTS_PATH = Path(__file__).with_name("results_tpu_fit.md")
+GIB = 2**30
+
+
+class Chip(NamedTuple):
+    """Public per-chip figures: HBM bytes, HBM bytes/s, peak dense bf16 FLOP/s."""
+
+    hbm_bytes: float
+    hbm_bytes_per_s: float
+    peak_flops: float
+
+
+# By jax device_kind; peak FLOP/s as model.py uses them for MFU.
+CHIPS = {kind: Chip(hbm, bandwidth, model.PEAK_FLOPS[kind]) for kind, hbm, bandwidth in (
+    ("TPU v5 lite", 16 * GIB, 819e9), ("TPU v6 lite", 32 * GIB, 1640e9), ("TPU v5p", 95 * GIB, 2765e9),
+    ("TPU v4", 32 * GIB, 1228e9))}
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """The devices of a one-host TPU slice, e.g. ``v5e:2x4`` (Kaggle's v5e-8), from libtpu alone."""
+    from jax.experimental import topologies
+
+    shape = topology.partition(":")[2].split("x")
+    if not all(n.isdigit() for n in shape) or math.prod(map(int, shape)) > 8:
+        raise ConfigError(f"--topology {topology!r} is not one host's slice: use a name like v5e:2x4")
+    # All chips on one host (a bare topology name lays a v5e:2x4 out over 2 hosts), no wrap-around links.
+    bounds = (*map(int, shape), 1, 1)[:3]
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                            chips_per_host_bounds=bounds, num_slices=1, wrap=(False,) * 3)
+    except (RuntimeError, ValueError) as err:  # no libtpu, or a name it does not know
+        raise ConfigError(f"cannot describe TPU topology {topology!r} ({str(err).splitlines()[0]}): install "
+                          "libtpu in a separate venv as this script's docstring says, or pass --dry-run") from None
+    return list(desc.devices)
+
+
+@contextlib.contextmanager
+def sharding_constraints_kept() -> Iterator[None]:
+    """Tunix's Gemma ``shard()`` skips its constraints when ``jax.devices()`` is a CPU, as it always is in a
+    process without a TPU: keep them, as on the TPU, while tracing here."""
+    original = gemma_lib.shard
+
+    def shard(x: jax.Array, s: tuple[str, ...]) -> jax.Array:
+        mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+        if mesh.empty:
+            return x
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)))
+
+    gemma_lib.shard = shard
+    try:
+        yield
+    finally:
+        gemma_lib.shard = original
+
+
+def make_abstract(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:
+    """Replaces every variable of module by a ShapeDtypeStruct placed as its sharding annotation says
+    (as ``model.shard_model`` and the trainer's ``_shard_optimizer`` place the real ones)."""
+    state = nnx.state(module)
+    shardings = nnx.get_named_sharding(state, mesh)
+    nnx.update(module, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    state, shardings))
+
+
+def train_loss_fn(cfg: Config) -> Any:
+    """``model.loss_fn`` at the preset's chunk size, as a plain function of the loss's inputs (nnx's grad binds
+    keyword arguments by signature, which a ``functools.partial`` hides)."""
+
+    def loss_fn(trained: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
+                attention_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return model.loss_fn(trained, tokens, loss_mask, positions, attention_mask, cfg.model.loss_chunk)
+
+    return loss_fn
+
+
+def abstract_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> train_sft.SFTTrainer:
+    """The training run's trainer over an abstract LoRA model and optimizer state, placed on mesh."""
+    graphdef, state = nnx.split(model.abstract_model(cfg.model))
+    dtype = jnp.dtype(cfg.model.dtype)
+    base = nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), state))
+    lora_model = nnx.eval_shape(lambda b: model.apply_lora(b, cfg, None), base)
+    plan = train_sft.StepPlan(1, cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
+    trainer = train_sft.SFTTrainer(lora_model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
+        eval_every_n_steps=10**9, max_steps=1,
+        gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None))
+    trainer.with_gen_model_input_fn(model.gen_model_input).with_loss_fn(train_loss_fn(cfg), has_aux=True)
+    make_abstract(trainer.model, mesh)
+    make_abstract(trainer.optimizer, mesh)  # its LoRA-sized zeros from the constructor are dropped here
+    return trainer
+
+
+def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh, trainer: train_sft.SFTTrainer
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """One micro-batch of the loader's arrays, sharded as the trainer's ``shard_input`` shards it."""
+    pspec = jax.sharding.PartitionSpec(*trainer.config.data_sharding_axis)
+    window = np.zeros((cfg.run.micro_batch, cfg.data.max_len), np.int32)
+    sharding = sharding_utils.get_sharding(window, mesh, pspec)
+    return {name: jax.ShapeDtypeStruct(window.shape, window.dtype, sharding=sharding)
+            for name in data_prep.BATCH_FIELDS}
+
+
+def compile_train_step(cfg: Config, devices: list[Any]) -> tuple[Any, dict[str, float]]:
+    """The trainer's jitted train step, traced, lowered and compiled for devices; and the seconds of each."""
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((cfg.run.mesh_fsdp, cfg.run.mesh_tp), ("fsdp", "tp"), axis_types=(auto, auto),
+                         devices=devices)
+    seconds = {}
+    began = time.perf_counter()
+    trainer = abstract_trainer(cfg, mesh)
+    # Outside the mesh, so that the trainer does not try to re-place the (abstract) optimizer state itself.
+    train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=False)
+    batch = abstract_batch(cfg, mesh, trainer)
+    seconds["build_s"] = time.perf_counter() - began
+    with mesh, sharding_constraints_kept():
+        began = time.perf_counter()
+        traced = train_step.func.trace(*train_step.args, batch)
+        seconds["trace_s"] = time.perf_counter() - began
+        began = time.perf_counter()
+        lowered = traced.lower()
+        seconds["lower_s"] = time.perf_counter() - began
+        began = time.perf_counter()
+        compiled = lowered.compile()
+        seconds["compile_s"] = time.perf_counter() - began
+    trainer.close()
+    return compiled, seconds
+
+
+def fit_report(cfg: Config, compiled: Any, chip: Chip | None, n_chips: int) -> dict[str, float]:
+    """Per chip: memory of the compiled step, its cost, and the lower bounds on its time at the chip's peak."""
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    tokens = cfg.run.micro_batch * cfg.data.max_len
+    row = {
+        "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+        "code": mem.generated_code_size_in_bytes,
+        "compiled_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        # Useful work, without remat's recomputed forward: cost_analysis undercounts windowed-einsum matmuls.
+        "model_flops": model.flops_per_token(cfg.model, cfg.data.max_len) * tokens / n_chips,
+    }
+    row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"] + row["code"]
+    if chip:
+        row["headroom"] = chip.hbm_bytes - row["total"]
+        row["compute_s"] = max(row["model_flops"], row["compiled_flops"]) / chip.peak_flops
+        row["memory_s"] = row["bytes_accessed"] / chip.hbm_bytes_per_s
+        row["step_s"] = max(row["compute_s"], row["memory_s"]) * cfg.run.grad_accum
+        row["tokens_per_s"] = tokens * cfg.run.grad_accum / row["step_s"]
+    return row
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"
+
+
+def markdown_row(cfg: Config, target: str, row: dict[str, float], seconds: dict[str, float], command: str) -> str:
+    gib = {k: f"{row[k] / GIB:.2f}" if k in row else "-" for k in
+           ("arguments", "outputs", "aliased", "temporaries", "code", "total", "headroom")}
+    timing = (f"{row['compute_s'] * 1e3:.0f} / {row['memory_s'] * 1e3:.0f} / {row['step_s']:.2f}"
+              if "step_s" in row else "-")
+    tokens_per_s = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-"
+    return (f"| {time.strftime('%Y-%m-%d %H:%M')} | {target} | {cfg.preset} | {cfg.model.remat} | "
+            f"{cfg.run.micro_batch} x {cfg.data.max_len} x {cfg.run.grad_accum} | {loss_name(cfg)} | "
+            f"{gib['arguments']} | {gib['outputs']} | {gib['aliased']} | {gib['temporaries']} | {gib['code']} | "
+            f"**{gib['total']}** | **{gib['headroom']}** | {row['compiled_flops'] / 1e12:.2f} | "
+            f"{row['model_flops'] / 1e12:.2f} | {row['bytes_accessed'] / 1e9:.1f} | {timing} | {tokens_per_s} | "
+            f"jax {jax.__version__}, libtpu {_version('libtpu')} | "
+            f"{seconds['compile_s']:.0f} s, {peak_rss_gib():.1f} GiB | `{command}` |")
+
+
+def loss_name(cfg: Config) -> str:
+    return f"chunks of {cfg.model.loss_chunk}" if cfg.model.loss_chunk else "full logits"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+TABLE_HEAD = (
+    "| when (UTC) | target | preset | remat | micro-batch x len x accum | loss | arguments | outputs | aliased | "
+    "temporaries | code | total | headroom | compiled TFLOP | model TFLOP | GB accessed | "
+    "compute ms / memory ms / optimizer step s | tokens/s bound | versions | compile, peak RSS | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def append_row(path: Path, line: str) -> None:
+    """Appends a row to the table that ends the file; a file without the table gets its header first."""
+    text = path.read_text() if path.exists() else "# Ahead-of-time fit of the train step per TPU chip\n"
+    if TABLE_HEAD not in text:
+        text = text.rstrip("\n") + "\n\n" + TABLE_HEAD + "\n"
+    path.write_text(text.rstrip("\n") + "\n" + line + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", help="kaggle by default; cpu-tiny with --dry-run")
+    parser.add_argument("--topology", default="v5e:2x4", help="one-host TPU slice to compile for")
+    parser.add_argument("--dry-run", action="store_true", help="the tiny model on this machine's CPU devices")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="markdown to append the row to")
+    args, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "benchmarks/tpu_fit.py", *argv])
+    try:
+        cfg = get_config(args.preset or ("cpu-tiny" if args.dry_run else "kaggle"), parse_overrides(rest))
+        n_chips = cfg.run.mesh_fsdp * cfg.run.mesh_tp
+        if args.dry_run:
+            devices, target, chip = jax.devices("cpu"), f"cpu x{n_chips}", None
+            if len(devices) < n_chips:
+                raise ConfigError(f"the mesh needs {n_chips} CPU devices but {len(devices)} are present: set "
+                                  f"XLA_FLAGS=--xla_force_host_platform_device_count={n_chips}")
+            devices = devices[:n_chips]
+        else:
+            devices, target = topology_devices(args.topology), args.topology
+            chip = CHIPS.get(devices[0].device_kind)
+            if len(devices) != n_chips:
+                raise ConfigError(f"{args.topology} has {len(devices)} chips but the mesh is --run.mesh_fsdp "
+                                  f"{cfg.run.mesh_fsdp} x --run.mesh_tp {cfg.run.mesh_tp}: make their product "
+                                  f"{len(devices)}")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print(f"compiling the {cfg.preset} train step for {target} ...", flush=True)
+    compiled, seconds = compile_train_step(cfg, devices)
+    row = fit_report(cfg, compiled, chip, n_chips)
+    line = markdown_row(cfg, target, row, seconds, command)
+    print("\n".join(f"{k:>15}: {v / GIB:8.2f} GiB" for k, v in row.items()
+                    if k in ("arguments", "outputs", "aliased", "temporaries", "code", "total", "headroom")))
+    print(f"compiled {row['compiled_flops']:.3e} FLOP, model {row['model_flops']:.3e} FLOP, "
+          f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step; "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    if "step_s" in row:
+        print(f"lower bound per micro-step: compute {row['compute_s'] * 1e3:.0f} ms, memory "
+              f"{row['memory_s'] * 1e3:.0f} ms; per optimizer step {row['step_s']:.2f} s, "
+              f"<= {row['tokens_per_s']:,.0f} tokens/s")
+    if str(args.results):
+        append_row(args.results, line)
+        print(f"appended to {args.results}")
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""benchmarks/tpu_fit.py's --dry-run: the same ahead-of-time compile of the trainer's step, on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import numpy as np
+from conftest import REPO, run_on_8_devices
+from flax import nnx
+from tunix.models.gemma import model as gemma_lib
+
+import model
+
+SMALL = ["--data.max_len", "64", "--run.micro_batch", "2"]
+
+
+def load_tpu_fit():
+    spec = importlib.util.spec_from_file_location("tpu_fit", REPO / "benchmarks" / "tpu_fit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_compiles_the_trainer_step_and_appends_its_row(tmp_path):
+    tpu_fit = load_tpu_fit()
+    results = tmp_path / "results.md"
+    results.write_text("# notes kept above the table\n")
+    row = tpu_fit.main(["--dry-run", "--results", str(results), *SMALL])
+    row_again = tpu_fit.main(["--dry-run", "--results", str(results), *SMALL, "--model.remat", "block"])
+
+    cfg = tpu_fit.get_config("cpu-tiny", {"data.max_len": "64", "run.micro_batch": "2"})
+    lora_model = nnx.eval_shape(lambda: model.apply_lora(model.abstract_model(cfg.model), cfg, None))
+    lora_params = model.count_params(lora_model, nnx.LoRAParam)
+    # The step's inputs hold at least the float32 LoRA weights and their two Adam moments.
+    assert row["arguments"] >= 3 * 4 * lora_params
+    assert row["temporaries"] > 0 and row["compiled_flops"] > 0 and row["bytes_accessed"] > 0
+    assert row["total"] == row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"] + row["code"]
+    assert row["model_flops"] == model.flops_per_token(cfg.model, 64) * 2 * 64
+    assert "headroom" not in row  # no chip, no HBM to compare with
+    assert row_again["compiled_flops"] > row["compiled_flops"]  # remat recomputes the forward pass
+
+    text = results.read_text()
+    assert text.startswith("# notes kept above the table\n")
+    assert text.count(tpu_fit.TABLE_HEAD) == 1
+    rows = [line for line in text.splitlines() if "| cpu x1 | cpu-tiny |" in line]
+    assert [r.split(" | ")[3] for r in rows] == ["none", "block"]
+    assert all(f"| 2 x 64 x 1 | {tpu_fit.loss_name(cfg)} |" in r for r in rows)
+    assert "`python benchmarks/tpu_fit.py --dry-run --results" in rows[0]
+
+
+def test_tunix_shard_constraints_survive_on_cpu_inside_the_check_only():
+    tpu_fit = load_tpu_fit()
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def jaxpr() -> str:  # a new function each time: JAX caches traces by function
+        return str(jax.make_jaxpr(lambda x: gemma_lib.shard(x, ("fsdp", None)))(np.zeros((2, 4))))
+
+    with mesh:
+        with tpu_fit.sharding_constraints_kept():
+            kept = jaxpr()
+        dropped = jaxpr()
+    assert "sharding_constraint" in kept
+    assert "sharding_constraint" not in dropped  # Tunix's own shard() on a CPU, restored after the check
+
+
+def test_dry_run_shards_over_8_cpu_devices(tmp_path):
+    out = run_on_8_devices(f"""
+        import importlib.util, json
+        spec = importlib.util.spec_from_file_location("tpu_fit", "benchmarks/tpu_fit.py")
+        tpu_fit = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tpu_fit)
+        row = tpu_fit.main(["--dry-run", "--results", "{tmp_path / 'results.md'}", "--data.max_len", "64",
+                            "--run.micro_batch", "8", "--run.mesh_fsdp", "8"])
+        print(json.dumps(row))
+    """)
+    row = json.loads(out.strip().splitlines()[-1])
+    cfg = load_tpu_fit().get_config("cpu-tiny", {"data.max_len": "64", "run.micro_batch": "8"})
+    lora_model = nnx.eval_shape(lambda: model.apply_lora(model.abstract_model(cfg.model), cfg, None))
+    # fsdp 8 splits the weights over the chips: each holds well under half of the float32 model.
+    assert row["arguments"] < 4 * model.count_params(lora_model) / 2
+    assert row["model_flops"] == model.flops_per_token(cfg.model, 64) * 8 * 64 / 8
+    assert "| cpu x8 | cpu-tiny |" in (tmp_path / "results.md").read_text()
