@@ -496,6 +496,15 @@ class SFTTrainer(peft_trainer.PeftTrainer):
                                          custom_metadata=self.custom_checkpoint_metadata())
 
 
+def make_trainer(model: nnx.Module, cfg: Config, plan: StepPlan, **training: Any) -> SFTTrainer:
+    """The trainer every run builds: the plan's optimizer, gradient accumulation, the packed-row model input and
+    the configured (chunked) loss. The benchmarks and the TPU fit check compile this same step."""
+    trainer = SFTTrainer(model, make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
+        gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None, **training))
+    trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
+    return trainer
+
+
 def plot_losses(records: list[dict[str, Any]], png_path: Path) -> None:
     """Loss and eval loss against step and, when the run generated, a second panel with format compliance and
     truncation rate against step (the last record of a step wins, as after a resume)."""
@@ -583,9 +592,8 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
             ocp.checkpoint_managers.FixedIntervalPolicy(cfg.run.checkpoint_every_steps),
             ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
                 minimum_interval_secs=int(cfg.run.checkpoint_every_min * 60))])
-        trainer = SFTTrainer(model, make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
-            eval_every_n_steps=cfg.run.eval_every, max_steps=plan.total_steps,
-            gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None,
+        trainer = make_trainer(
+            model, cfg, plan, eval_every_n_steps=cfg.run.eval_every, max_steps=plan.total_steps,
             checkpoint_root_directory=str((run_dir / CHECKPOINT_SUBDIR).resolve()),
             # Saves finish before training goes on, so each one is timed whole (the final save's reserve).
             checkpointing_options=ocp.CheckpointManagerOptions(
@@ -593,7 +601,7 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
                 enable_async_checkpointing=False, cleanup_tmp_directories=True),
             metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(run_dir / "tensorboard"),
                                                                         flush_every_n_steps=10),
-            pbar_description=f"train {cfg.preset}"))
+            pbar_description=f"train {cfg.preset}")
         restored = trainer._restored_custom_metadata or {}
         session_start_step = trainer.train_steps
         if trainer.train_steps:
@@ -615,8 +623,6 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         eval_batches = data_prep.eval_batches(data_dir, per_process_batch)[:cfg.run.eval_batches]
         trainer.feeder = BatchFeeder(iterator, eval_batches, monitor, cfg.run.grad_accum)
         trainer.plan = plan
-        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk),
-                                                                       has_aux=True)
         trainer.with_training_hooks(monitor)
         trainer.with_data_hooks(trainer.feeder)
 

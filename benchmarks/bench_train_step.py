@@ -72,11 +72,11 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
     import jax
     import jaxlib
     from flax import nnx
-    from tunix.sft import peft_trainer, sharding_utils
+    from tunix.sft import sharding_utils
 
     import config
     import train_sft
-    from model import build_model, count_params, gen_model_input, make_loss_fn, make_mesh
+    from model import build_model, count_params, make_mesh
 
     cfg = config.get_config("cpu-tiny", {**PEER_SHAPE, "data.max_len": str(seq), "run.micro_batch": str(batch),
                                          "optim.learning_rate": str(PEER_LR)})
@@ -89,9 +89,8 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
         with_lora = count_params(model)
         plan = train_sft.StepPlan(total_steps=warmup + steps, peak_lr=cfg.optim.learning_rate, warmup_ratio=0.0,
                                   end_lr_ratio=1.0)  # constant lr, like the peer
-        trainer = train_sft.SFTTrainer(model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
-            eval_every_n_steps=10**9, max_steps=warmup + steps, pbar_description=None))
-        trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
+        trainer = train_sft.make_trainer(model, cfg, plan, eval_every_n_steps=10**9, max_steps=warmup + steps,
+                                         pbar_description=None)
         train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
         losses, times, first_s = [], [], None
         cpu0 = None

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tunix.sft import peft_trainer, sharding_utils
+from tunix.sft import sharding_utils
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
@@ -118,10 +118,8 @@ def time_train_step(cfg: config.Config, mesh: jax.sharding.Mesh, warmup: int, st
     jax.block_until_ready(nnx.state(lora_model))
     build_s = time.perf_counter() - began
     plan = train_sft.StepPlan(warmup + steps, cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
-    trainer = train_sft.SFTTrainer(lora_model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**9, max_steps=warmup + steps, pbar_description=None,
-        gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None))
-    trainer.with_gen_model_input_fn(model.gen_model_input).with_loss_fn(model.loss_fn, has_aux=True)
+    trainer = train_sft.make_trainer(lora_model, cfg, plan, eval_every_n_steps=10**9, max_steps=warmup + steps,
+                                     pbar_description=None)
     train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
     windows = random_windows(min(4, cfg.run.grad_accum * (warmup + steps)), cfg.run.micro_batch, cfg.data.max_len,
                              model.gemma_config(cfg.model).num_embed, cfg.data.seed)

@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tunix.models.gemma import model as gemma_lib  # noqa: E402
-from tunix.sft import peft_trainer, sharding_utils  # noqa: E402
+from tunix.sft import sharding_utils  # noqa: E402
 
 import data_prep  # noqa: E402
 import model  # noqa: E402
@@ -112,17 +112,6 @@ def make_abstract(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:
                                     state, shardings))
 
 
-def train_loss_fn(cfg: Config) -> Any:
-    """``model.loss_fn`` at the preset's chunk size, as a plain function of the loss's inputs (nnx's grad binds
-    keyword arguments by signature, which a ``functools.partial`` hides)."""
-
-    def loss_fn(trained: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
-                attention_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return model.loss_fn(trained, tokens, loss_mask, positions, attention_mask, cfg.model.loss_chunk)
-
-    return loss_fn
-
-
 def abstract_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> train_sft.SFTTrainer:
     """The training run's trainer over an abstract LoRA model and optimizer state, placed on mesh."""
     graphdef, state = nnx.split(model.abstract_model(cfg.model))
@@ -130,10 +119,7 @@ def abstract_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> train_sft.SFTTrain
     base = nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), state))
     lora_model = nnx.eval_shape(lambda b: model.apply_lora(b, cfg, None), base)
     plan = train_sft.StepPlan(1, cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
-    trainer = train_sft.SFTTrainer(lora_model, train_sft.make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
-        eval_every_n_steps=10**9, max_steps=1,
-        gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None))
-    trainer.with_gen_model_input_fn(model.gen_model_input).with_loss_fn(train_loss_fn(cfg), has_aux=True)
+    trainer = train_sft.make_trainer(lora_model, cfg, plan, eval_every_n_steps=10**9, max_steps=1)
     make_abstract(trainer.model, mesh)
     make_abstract(trainer.optimizer, mesh)  # its LoRA-sized zeros from the constructor are dropped here
     return trainer
