@@ -91,8 +91,9 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
     nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
 
 
-def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> nnx.State:
-    """Stand-in weights for the tiny model, drawn on the host with fan-in scaling. Every tensor is random:
+def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int, dtype: Any = np.float32) -> nnx.State:
+    """Stand-in weights for the tiny model (or, in dtype, for a real-size one), drawn on the host with fan-in
+    scaling one tensor at a time. Every tensor is random:
     Tunix's own init zeroes MLP kernels and norm scales (zero MLP and MLP-LoRA gradients), and its small
     embedding would cap the logits so that no LoRA could make a confident prediction."""
     rng = np.random.default_rng(seed)
@@ -105,7 +106,9 @@ def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> n
             std = math.prod(leaf.shape[:-1]) ** -0.5  # writes back to the residual stream
         else:
             std = embed_dim ** -0.5  # reads the residual stream (the embedding also projects to logits)
-        return rng.standard_normal(leaf.shape, dtype=np.float32) * std
+        weights = rng.standard_normal(leaf.shape, dtype=np.float32)
+        weights *= std  # in place: a real-size embedding is 2.4 GB in float32
+        return weights.astype(dtype, copy=False)
 
     return jax.tree_util.tree_map_with_path(draw, abstract_state)
 
