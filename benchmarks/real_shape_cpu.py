@@ -191,7 +191,8 @@ def load_orbax(args: argparse.Namespace) -> str:
         cut = dataclasses.replace(published, num_layers=args.layers,
                                   attention_types=published.attention_types[:args.layers])
         ours = model.gemma_config(cfg.model)
-        assert dataclasses.replace(ours, remat_config=cut.remat_config) == cut, (ours, cut)
+        same = dataclasses.replace(ours, remat_config=cut.remat_config, attention_types=tuple(ours.attention_types))
+        assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
         gemma = gemma_lib.module_from_linen_variables(
             lambda: gemma_lib.Gemma(cut, rngs=gemma_lib.nnx.Rngs(params=0)), params["transformer"],
             gemma_lib._map_linen_var_names, gemma_lib._assign_linen_params_to_nnx_state)
