@@ -13,9 +13,11 @@ the HF config.json against the published gemma-2-2b-it values.
     flock /tmp/heavy.lock nice python benchmarks/real_shape_cpu.py              # 26 layers
     python benchmarks/real_shape_cpu.py --layers 2                               # every real width, 2 layers
 
-Each stage is one subprocess whose wall time and peak RSS are measured; the table is printed and appended to
-benchmarks/results_real_shape_cpu.md. On a loaded 2-core, 24 GiB machine the 26-layer run takes about
-half an hour and peaks at about 12 GB RSS (see the results file); ``--layers 2`` takes a few minutes.
+Each stage is one subprocess whose wall time and peak RSS (wait4) are measured; the table is printed and
+appended to benchmarks/results_real_shape_cpu.md. A re-run with the same ``--work`` continues after the
+stages that passed. Measured with ``--layers 2`` on a loaded 2-core, 24 GiB machine: 1-20 minutes a stage,
+training peaks at 12 GB RSS and generation (last; ``--no-generate`` skips it) at 23 GB with the tiny tokenizer,
+so run it alone under ``flock /tmp/heavy.lock``; 26 layers needs more memory than such a machine has free.
 Overrides beyond size: a learning rate of 1e-3 without warmup, so that three steps move the LoRA far
 enough that the exports' logits visibly differ from the base model's (a merge that dropped the LoRA fails).
 """
