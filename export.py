@@ -38,6 +38,8 @@ from model import Params, build_model, checkpoint_step, gemma_config, make_mesh,
 LICENSE_NAME = "Gemma"
 # NNX module names whose Kaggle (linen) checkpoint name differs: the inverse of Tunix's _map_linen_var_names.
 LINEN_NAMES = {"post_attn_norm": "post_attention_norm", "gate_proj": "gating_einsum", "down_proj": "linear"}
+# Gemma's tokenizer pieces: Tunix pads the embedding to 256,128 rows, the published HF gemma-2-2b-it has 256,000.
+HF_VOCAB_SIZE = 256_000
 
 # ----------------------------------------------------------------------------- merge
 
@@ -75,12 +77,17 @@ def kaggle_layout(params: Params) -> dict[str, dict[str, np.ndarray]]:
     return tree
 
 
+def save_kaggle_checkpoint(params: Params, path: Path) -> None:
+    """Writes params as a Kaggle Flax checkpoint folder (orbax, Kaggle layout), as Google's download holds it."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.resolve(), kaggle_layout(params), force=True)
+
+
 def write_orbax(params: Params, cfg: Config, out_dir: Path) -> Path:
     """OUT/<variation>/ (orbax, Kaggle layout) + OUT/tokenizer.model; returns the checkpoint folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = (out_dir / checkpoint_folder_names(cfg.model)[0]).resolve()
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, kaggle_layout(params), force=True)
+    save_kaggle_checkpoint(params, path)
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
     return path
 
@@ -94,7 +101,7 @@ def hf_state_dict(params: Params, num_layers: int) -> dict[str, np.ndarray]:
     def heads(w: np.ndarray) -> np.ndarray:  # (heads, D, H) -> (heads * H, D)
         return w.transpose(0, 2, 1).reshape(-1, w.shape[1])
 
-    sd = {"model.embed_tokens.weight": params[("embedder", "input_embedding")],
+    sd = {"model.embed_tokens.weight": params[("embedder", "input_embedding")][:HF_VOCAB_SIZE],  # no padding rows
           "model.norm.weight": params[("final_norm", "scale")]}
     for i in range(num_layers):
         def p(*key: str, i: int = i) -> np.ndarray:
@@ -127,7 +134,8 @@ def hf_config(mc: gemma_lib.ModelConfig, dtype: str, special_ids: dict[str, int]
                    for t in mc.attention_types]
     return {
         "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-        "vocab_size": mc.num_embed, "hidden_size": mc.embed_dim, "intermediate_size": mc.hidden_dim,
+        "vocab_size": min(mc.num_embed, HF_VOCAB_SIZE), "hidden_size": mc.embed_dim,
+        "intermediate_size": mc.hidden_dim,
         "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_heads,
         "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
         "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",

@@ -105,15 +105,18 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
     nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
 
 
-def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int) -> nnx.State:
-    """Stand-in weights for the tiny model, drawn on the host with fan-in scaling. Every tensor is random:
+def random_tiny_state(abstract_state: nnx.State, seed: int, embed_dim: int, dtype: Any = np.float32) -> nnx.State:
+    """Stand-in weights for the tiny model (or, in dtype, for a real-size one), drawn on the host with fan-in
+    scaling one tensor at a time. Every tensor is random:
     Tunix's own init zeroes MLP kernels and norm scales (zero MLP and MLP-LoRA gradients), and its small
     embedding would cap the logits so that no LoRA could make a confident prediction."""
     rng = np.random.default_rng(seed)
 
     def draw(path: Any, leaf: Any) -> np.ndarray:
         std = init_std(jax.tree_util.keystr(path), leaf.shape, embed_dim)
-        return rng.standard_normal(leaf.shape, dtype=np.float32) * std
+        weights = rng.standard_normal(leaf.shape, dtype=np.float32)
+        weights *= std  # in place: a real-size embedding is 2.4 GB in float32
+        return weights.astype(dtype, copy=False)
 
     return jax.tree_util.tree_map_with_path(draw, abstract_state)
 

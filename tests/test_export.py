@@ -144,3 +144,15 @@ def test_upload_with_credentials_calls_kagglehub(tmp_path: Path, monkeypatch: py
                       {"license_name": export.LICENSE_NAME, "version_notes": "notes"})]
     with pytest.raises(config.ConfigError, match="OWNER/MODEL/FRAMEWORK/VARIATION"):
         export.upload(tmp_path, "me/model", "notes")
+
+
+def test_hf_export_drops_tunix_embedding_padding_to_the_published_vocabulary() -> None:
+    """Tunix's gemma2-2b-it embedding has 256,128 rows; the published HF gemma-2-2b-it config says 256,000."""
+    mc = gemma_lib.ModelConfig.gemma2_2b_it()
+    assert mc.num_embed == 256_128
+    assert export.hf_config(mc, "bfloat16", {"bos": 2})["vocab_size"] == 256_000
+    embedding = np.arange(mc.num_embed, dtype=np.float32)[:, None]  # row i holds i
+    params = {("embedder", "input_embedding"): embedding, ("final_norm", "scale"): np.zeros(1, np.float32)}
+    sd = export.hf_state_dict(params, num_layers=0)
+    assert sd["model.embed_tokens.weight"].shape == (256_000, 1)
+    assert sd["model.embed_tokens.weight"][-1, 0] == 255_999

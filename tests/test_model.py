@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import hold_run_lock_in_a_child, run_on_8_devices
 from flax import nnx
@@ -19,6 +18,7 @@ from tunix.sft import peft_trainer
 
 import config
 import data_prep
+import export
 import model
 
 # ----------------------------------------------------------------------------- masks and loss
@@ -166,27 +166,8 @@ def test_mesh_must_match_the_devices():
 
 
 def write_kaggle_checkpoint(state: nnx.State, folder: Path) -> None:
-    """Writes weights in the Kaggle Flax gemma2 layout: flat 'transformer/...' keys, linen names."""
-    flat = {tuple(str(k) for k in path): np.asarray(v.get_value()) for path, v in state.flat_state()}
-    params: dict[str, dict[str, np.ndarray]] = {
-        "transformer/embedder": {"input_embedding": flat[("embedder", "input_embedding")]},
-        "transformer/final_norm": {"scale": flat[("final_norm", "scale")]}}
-    layers = sorted({int(path[1]) for path in flat if path[0] == "layers"})
-    for i in layers:
-        def get(*names: str, i: int = i) -> np.ndarray:
-            return flat[("layers", str(i), *names)]
-
-        prefix = f"transformer/layer_{i}"
-        for name in ("q_einsum", "kv_einsum", "attn_vec_einsum"):
-            params[f"{prefix}/attn/{name}"] = {"w": get("attn", name, "w")}
-        params[f"{prefix}/mlp/gating_einsum"] = {"w": np.stack([get("mlp", "gate_proj", "kernel"),
-                                                                get("mlp", "up_proj", "kernel")])}
-        params[f"{prefix}/mlp/linear"] = {"w": get("mlp", "down_proj", "kernel")}
-        for linen, ours in (("pre_attention_norm", "pre_attention_norm"), ("post_attention_norm", "post_attn_norm"),
-                            ("pre_ffw_norm", "pre_ffw_norm"), ("post_ffw_norm", "post_ffw_norm")):
-            params[f"{prefix}/{linen}"] = {"scale": get(ours, "scale")}
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(folder.resolve(), params)
+    """Writes weights in the Kaggle Flax gemma2 layout, as export's orbax format does."""
+    export.save_kaggle_checkpoint({path: np.asarray(v.get_value()) for path, v in state.flat_state()}, folder)
 
 
 def test_kaggle_layout_checkpoint_loads_converts_once_and_caches(tmp_path, monkeypatch):

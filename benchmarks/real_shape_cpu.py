@@ -1,0 +1,358 @@
+"""The ``kaggle`` preset's own code path at Gemma2-2B-it's real shapes, end to end on the CPU, with random weights.
+
+Writes a random bf16 Gemma2-2B-it checkpoint in the Kaggle Flax layout (every real key and shape, the MLP's
+gate and up projections stacked as ``gating_einsum`` (2, 2304, 9216)) plus the tiny tokenizer (its ids are
+a subset of Gemma's) as a fake download, then runs the real command-line stages on it with the ``kaggle``
+preset and only the overrides its size on this machine demands: data preparation from the shipped sample,
+the conversion to the NNX cache, training with a checkpoint, a SIGKILL and a resume, ``eval_samples.py
+--loss-only`` and a few generated tokens, and both exports. It then loads the orbax export exactly as the
+judges do (``params.load_and_format_params`` + ``Gemma.from_params(params, version="2-2b-it")``) and the HF
+export with transformers' ``Gemma2ForCausalLM``, compares their logits with the LoRA model's, and checks
+the HF config.json against the published gemma-2-2b-it values.
+
+    flock /tmp/heavy.lock nice python benchmarks/real_shape_cpu.py              # 26 layers
+    python benchmarks/real_shape_cpu.py --layers 2                               # every real width, 2 layers
+
+Each stage is one subprocess whose wall time and peak RSS (wait4) are measured; the table is printed and
+appended to benchmarks/results_real_shape_cpu.md. A re-run with the same ``--work`` continues after the
+stages that passed. Measured with ``--layers 2`` on a loaded 2-core, 24 GiB machine: 1-20 minutes a stage,
+training peaks at 12 GB RSS and generation (last; ``--no-generate`` skips it) at 23 GB with the tiny tokenizer,
+so run it alone under ``flock /tmp/heavy.lock``; 26 layers needs more memory than such a machine has free.
+Overrides beyond size: a learning rate of 1e-3 without warmup, so that three steps move the LoRA far
+enough that the exports' logits visibly differ from the base model's (a merge that dropped the LoRA fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+
+import config  # noqa: E402
+
+RESULTS_PATH = REPO_DIR / "benchmarks" / "results_real_shape_cpu.md"
+# A few token ids (all below the tiny tokenizer's 2048 pieces) whose logits the exports must reproduce.
+PROBE_TOKENS = [2, 106, 1645, 108, 30, 40, 50, 107]
+# bf16 everywhere: logits of two bf16 implementations of the same weights may differ by a few bf16 steps at
+# the logit scale after 26 layers; we require max |difference| <= BF16_TOLERANCE * max |logit|, and that the
+# difference is under a quarter of the trained LoRA's own effect on the logits.
+BF16_TOLERANCE = 0.02
+# The published gemma-2-2b-it config.json (huggingface.co/google/gemma-2-2b-it) values the HF export must carry.
+PUBLISHED_HF_CONFIG = {
+    "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000, "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    "model_type": "gemma2", "tie_word_embeddings": True,
+}
+
+
+def overrides(work: Path, layers: int) -> list[str]:
+    """The kaggle preset plus what size on one CPU demands; fewer layers keep every real width."""
+    real = layers == 26
+    model = [] if real else [
+        "--model.name", "tiny", "--model.num_layers", str(layers), "--model.vocab_size", "256128",
+        "--model.embed_dim", "2304", "--model.hidden_dim", "9216", "--model.num_heads", "8",
+        "--model.num_kv_heads", "4", "--model.head_dim", "256", "--model.sliding_window", "4096"]
+    return ["--preset", "kaggle", *model,
+            "--model.checkpoint_dir", str(work / "download"), "--model.cache_dir", str(work / "cache"),
+            "--data.source", str(config.SAMPLE_PATH), "--data.start", "0", "--data.stop", "0",
+            "--data.max_len", "256", "--data.eval_rows", "8", "--data.pack_buffer", "64",
+            "--data.out_dir", str(work / "data"),
+            "--run.mesh_fsdp", "1", "--run.micro_batch", "1", "--run.grad_accum", "1", "--run.eval_batches", "1",
+            "--run.checkpoint_every_steps", "1",
+            "--optim.learning_rate", "1e-3", "--optim.warmup_ratio", "0",
+            "--eval.batch_size", "1", "--eval.num_prompts", "1", "--eval.max_new_tokens", "4"]
+
+
+def cfg_of(args: argparse.Namespace) -> config.Config:
+    flags = overrides(Path(args.work), args.layers)
+    return config.get_config("kaggle", config.parse_overrides(flags[2:]))
+
+
+# ----------------------------------------------------------------------------- stages run in this script
+
+
+def write_checkpoint(args: argparse.Namespace) -> str:
+    """Random bf16 weights of every real shape, saved in the Kaggle Flax layout, plus a tokenizer."""
+    import ml_dtypes
+    from flax import nnx
+
+    import export
+    import model
+
+    cfg = cfg_of(args)
+    download = Path(args.work) / "download"
+    download.mkdir(parents=True, exist_ok=True)
+    _, abstract_state = nnx.split(model.abstract_model(cfg.model))
+    state = model.random_tiny_state(abstract_state, seed=0, embed_dim=2304, dtype=ml_dtypes.bfloat16)
+    params = {path: v.get_value() for path, v in state.flat_state()}
+    folder = download / config.checkpoint_folder_names(cfg.model)[0]
+    export.save_kaggle_checkpoint(params, folder)
+    shutil.copy(config.TINY_TOKENIZER_PATH, download / "tokenizer.model")
+    gating = params[("layers", 0, "mlp", "gate_proj", "kernel")].shape
+    return f"{len(params)} tensors, gating_einsum (2, {gating[0]}, {gating[1]}), {du(download)}"
+
+
+def convert(args: argparse.Namespace) -> str:
+    """The first load converts the download to the NNX cache; the second reads the cache."""
+    import jax
+
+    import model
+
+    cfg = cfg_of(args)
+    mesh = model.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        base = model.load_base_model(cfg, mesh)
+    cache = next((Path(args.work) / "cache").iterdir())
+    return f"{model.count_params(base) / 1e9:.3f}B params, cache {cache.name} {du(cache)}"
+
+
+def lora_logits(args: argparse.Namespace) -> str:
+    """The trained LoRA model's logits on PROBE_TOKENS, and the base model's (LoRA B set to zero)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import model
+
+    cfg = cfg_of(args)
+    mesh = model.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        lora_model = model.build_model(cfg, mesh)
+        step = model.restore_lora(lora_model, Path(args.work) / "run")
+        lora = logits_of(lora_model)
+        lora_state = nnx.state(lora_model, nnx.LoRAParam)
+        nnx.update(lora_model, jax.tree.map(jnp.zeros_like, lora_state))
+        base = logits_of(lora_model)
+    np.save(Path(args.work) / "lora_logits.npy", lora)
+    np.save(Path(args.work) / "base_logits.npy", base)
+    return (f"step {step}, LoRA changes logits by max {np.abs(lora - base).max():.3g} "
+            f"(max |logit| {np.abs(lora).max():.3g})")
+
+
+def logits_of(gemma: object) -> np.ndarray:
+    """float32 logits [L, vocab] of a Tunix Gemma on PROBE_TOKENS as one causal row."""
+    import jax.numpy as jnp
+
+    import model
+
+    tokens = jnp.asarray([PROBE_TOKENS], jnp.int32)
+    positions = jnp.arange(len(PROBE_TOKENS))[None]
+    logits, _ = gemma(tokens, positions, None, model.packed_attention_mask(jnp.ones_like(tokens)))
+    return np.asarray(logits.astype(jnp.float32))[0]
+
+
+def compare(name: str, logits: np.ndarray, work: Path) -> str:
+    """Checks logits against the LoRA model's, to the bf16 tolerance; raises with the figures if they differ."""
+
+    lora, base = np.load(work / "lora_logits.npy"), np.load(work / "base_logits.npy")
+    vocab = min(logits.shape[-1], lora.shape[-1])
+    diff = np.abs(logits[:, :vocab] - lora[:, :vocab]).max()
+    lora_effect = np.abs(lora - base).max()
+    scale = np.abs(lora).max()
+    same_argmax = float((logits[:, :vocab].argmax(-1) == lora[:, :vocab].argmax(-1)).mean())
+    text = (f"{name} vs LoRA model: max |diff| {diff:.3g} (tolerance {BF16_TOLERANCE * scale:.3g}; "
+            f"LoRA effect {lora_effect:.3g}), argmax agrees on {same_argmax:.0%}")
+    if not (diff <= BF16_TOLERANCE * scale and diff < lora_effect / 4):
+        raise AssertionError(text)
+    return text
+
+
+def load_orbax(args: argparse.Namespace) -> str:
+    """The judges' loader, exactly; with fewer layers the same call with the config's layer count cut."""
+    import dataclasses
+
+    from tunix.models.gemma import model as gemma_lib
+    from tunix.models.gemma import params as gemma_params
+
+    import model
+
+    cfg = cfg_of(args)
+    path = Path(args.work) / "export-orbax" / config.checkpoint_folder_names(cfg.model)[0]
+    params = gemma_params.load_and_format_params(str(path))
+    if args.layers == 26:
+        gemma = gemma_lib.Gemma.from_params(params, version="2-2b-it")
+    else:  # from_params knows only the published sizes: its body with the layer count cut
+        published = gemma_lib.ModelConfig.gemma2_2b_it()
+        cut = dataclasses.replace(published, num_layers=args.layers,
+                                  attention_types=published.attention_types[:args.layers])
+        ours = model.gemma_config(cfg.model)
+        same = dataclasses.replace(ours, remat_config=cut.remat_config, attention_types=tuple(ours.attention_types))
+        assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
+        gemma = gemma_lib.module_from_linen_variables(
+            lambda: gemma_lib.Gemma(cut, rngs=gemma_lib.nnx.Rngs(params=0)), params["transformer"],
+            gemma_lib._map_linen_var_names, gemma_lib._assign_linen_params_to_nnx_state)
+    del params
+    return compare("orbax export via load_and_format_params + from_params", logits_of(gemma), Path(args.work))
+
+
+def load_hf(args: argparse.Namespace) -> str:
+    """transformers' Gemma2ForCausalLM on the HF export (bf16, eager attention), and its config.json."""
+    import torch
+    import transformers
+
+    out = Path(args.work) / "export-hf"
+    written = json.loads((out / "config.json").read_text())
+    want = {**PUBLISHED_HF_CONFIG, "num_hidden_layers": args.layers}
+    wrong = {k: (written.get(k), v) for k, v in want.items() if written.get(k) != v}
+    if wrong:
+        raise AssertionError(f"config.json differs from the published gemma-2-2b-it (written, published): {wrong}")
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = hf(torch.as_tensor([PROBE_TOKENS])).logits[0].float().numpy()
+    return "config.json = published values; " + compare("HF export in Gemma2ForCausalLM", logits, Path(args.work))
+
+
+STAGES = {"write-checkpoint": write_checkpoint, "convert": convert, "lora-logits": lora_logits,
+          "load-orbax": load_orbax, "load-hf": load_hf}
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def du(path: Path) -> str:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return f"{size / 1e9:.2f} GB on disk"
+
+
+def run_stage(name: str, command: list[str], log_path: Path, kill_after: Path | None = None) -> dict:
+    """Runs command, measuring wall time and its peak RSS (wait4); with kill_after, SIGKILLs it once that
+    path exists. The result is the stage's last output line that starts with 'result:' (or its last line)."""
+    print(f"\n=== {name}: {shlex.join(command)}", flush=True)
+    began = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT)
+        killed = False
+        if kill_after is not None:
+            while proc.poll() is None and not kill_after.exists():
+                time.sleep(0.5)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - began
+    lines = log_path.read_text().splitlines()
+    print("\n".join(lines[-15:]), flush=True)
+    rc = os.waitstatus_to_exitcode(status)
+    results = [line.removeprefix("result: ") for line in lines if line.startswith("result: ")]
+    note = results[-1] if results else (lines[-1] if lines else "")
+    ok = rc == -signal.SIGKILL if kill_after is not None else rc == 0
+    if kill_after is not None:
+        note = f"SIGKILLed once {kill_after.name} existed" if killed else "finished before the kill: " + note
+        ok = ok and killed
+    return {"stage": name, "wall_s": seconds, "peak_rss_gb": usage.ru_maxrss / 1e6, "ok": ok, "result": note}
+
+
+def drive(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work)
+    py = [sys.executable]
+    me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--stage"]
+    flags = overrides(work, args.layers)
+    run, ckpt = work / "run", work / "run" / "checkpoints"
+    train = [*py, "train_sft.py", *flags, "--out", str(run), "--data", str(work / "data"), "--max-steps", "3"]
+    stages = [
+        ("write Kaggle checkpoint", [*me, "write-checkpoint"], None),
+        ("data_prep", [*py, "data_prep.py", *flags], None),
+        ("convert to NNX cache", [*me, "convert"], None),
+        ("train (SIGKILL after step 1)", train, ckpt / "1" / "_CHECKPOINT_METADATA"),
+        ("train (resume to step 3)", train, None),
+        ("eval --loss-only", [*py, "eval_samples.py", *flags, "--run", str(run), "--loss-only"], None),
+        ("export orbax", [*py, "export.py", *flags, "--run", str(run), "--format", "orbax", "--out",
+                          str(work / "export-orbax")], None),
+        ("export hf", [*py, "export.py", *flags, "--run", str(run), "--format", "hf", "--out",
+                       str(work / "export-hf")], None),
+        ("LoRA model logits", [*me, "lora-logits"], None),
+        ("load orbax export (judges' loader)", [*me, "load-orbax"], None),
+        ("load HF export (transformers)", [*me, "load-hf"], None),
+    ]
+    if not args.no_generate:  # last: with the tiny tokenizer it forbids 254k ids and peaked at 23 GB
+        stages.append(("eval generate", [*py, "eval_samples.py", *flags, "--run", str(run), "--out",
+                                         str(work / "eval-gen")], None))
+    done_path = work / "stages.jsonl"  # passed stages: a re-run with the same --work continues after them
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    rows = []
+    for name, command, kill_after in stages:
+        log_path = work / f"stage{len(rows) + 1}.log"
+        if len(rows) < len(done) and done[len(rows)]["stage"] == name:
+            rows.append(done[len(rows)])
+            print(f"--> {name}: passed in an earlier run with this --work", flush=True)
+            continue
+        row = run_stage(name, command, log_path, kill_after)
+        if name.startswith("train (resume") and row["ok"]:
+            summary = json.loads((run / "run_summary.json").read_text())
+            resumed = "resuming" in log_path.read_text()
+            row["ok"] = row["ok"] and resumed and summary["steps"] == 3
+            row["result"] = (f"{'resumed' if resumed else 'did NOT resume'}, {summary['steps']} steps, "
+                             f"final loss {summary['final_loss']:.3f}")
+        rows.append(row)
+        if row["ok"]:
+            with open(done_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"--> {'ok' if row['ok'] else 'FAILED'} in {row['wall_s']:.0f} s, peak RSS "
+              f"{row['peak_rss_gb']:.2f} GB: {row['result']}", flush=True)
+        if not row["ok"] and not args.keep_going:
+            break
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| stage | wall s | peak RSS GB | ok | result |", "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | {'yes' if r['ok'] else 'NO'} | "
+              f"{r['result'].replace('|', '/')} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=26, help="26 = Gemma2-2B-it; fewer keep every real width")
+    parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
+    parser.add_argument("--keep-going", action="store_true", help="run the later stages after a failure")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generation stage (see its note)")
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one stage, in a subprocess
+    args = parser.parse_args()
+    if args.stage:
+        print(f"result: {STAGES[args.stage](args)}")
+        return
+    temporary = args.work is None
+    args.work = args.work or tempfile.mkdtemp(prefix="real_shape_")
+    began = time.time()
+    try:
+        rows = drive(args)
+    finally:
+        if temporary:
+            shutil.rmtree(args.work, ignore_errors=True)
+    text = table(rows)
+    print("\n" + text)
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    header = (f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(began))}: {args.layers} layers, "
+              f"{'all stages pass' if all(r['ok'] for r in rows) and len(rows) >= 11 else 'NOT all stages pass'}"
+              f", {(time.time() - began) / 60:.0f} min\n\n"
+              f"Command: `python benchmarks/real_shape_cpu.py --layers {args.layers}`\n"
+              f"Machine: {platform.machine()}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, load average "
+              f"{os.getloadavg()[0]:.1f} at the end (shared), Python {platform.python_version()}\n\n")
+    if not RESULTS_PATH.exists():
+        RESULTS_PATH.write_text("# The kaggle code path at real Gemma2-2B shapes on the CPU\n\n"
+                                "Written by benchmarks/real_shape_cpu.py (see its docstring).\n")
+    with open(RESULTS_PATH, "a") as results:
+        results.write(header + text + "\n")
+    print(f"appended to {RESULTS_PATH}")
+
+
+if __name__ == "__main__":
+    main()
