@@ -462,7 +462,9 @@ def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
     """What `python train_sft.py --preset gpu --max-steps 2` parses and validates."""
     cfg, _ = config.config_from_argv(["--preset", "gpu", "--max-steps", "2"], "train_sft", "doc")
     kaggle = config.get_config("kaggle")
-    assert (cfg.model, cfg.lora, cfg.optim, cfg.eval) == (kaggle.model, kaggle.lora, kaggle.optim, kaggle.eval)
+    assert {**vars(cfg.model), "remat": None} == {**vars(kaggle.model), "remat": None}  # the same model ...
+    assert cfg.model.remat == "block"  # ... with the remat its memory estimate assumes
+    assert (cfg.lora, cfg.optim, cfg.eval) == (kaggle.lora, kaggle.optim, kaggle.eval)
     assert {**vars(cfg.data), "out_dir": None} == {**vars(kaggle.data), "out_dir": None}  # same rows and windows
     assert (cfg.model.name, cfg.model.dtype) == ("gemma2-2b-it", "bfloat16")
     assert (cfg.run.mesh_fsdp, cfg.run.mesh_tp, cfg.run.micro_batch, cfg.run.grad_accum) == (1, 1, 4, 8)
