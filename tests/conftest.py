@@ -43,7 +43,7 @@ def tiny_run_config(out_dir: Path, data_dir: Path, **overrides: str) -> config.C
     """cpu-tiny, cut to a short run that evaluates and checkpoints every few steps (and generates only when asked)."""
     settings = {"run.out_dir": str(out_dir), "data.out_dir": str(data_dir), "run.max_steps": str(TINY_RUN_STEPS),
                 "run.eval_every": "4", "run.checkpoint_every_steps": "4", "run.eval_batches": "1",
-                "eval.generate_every": "0"}
+                "eval.generate_every": "0", "run.time_budget_min": "0"}  # no wall-clock budget: load changes nothing
     return config.get_config("cpu-tiny", settings | overrides)
 
 

@@ -363,7 +363,7 @@ def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
             "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps),
-            "eval.generate_every": str(cfg.eval.generate_every)}
+            "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min)}
 
 
 def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path):
