@@ -106,11 +106,11 @@ print(json.dumps(cfg.to_dict(), indent=1))
 # - **Objective**: next-token cross-entropy on the completion only (`<reasoning>...</reasoning>
 #   <answer>...</answer><end_of_turn>`), never on the prompt or padding.
 # - **Schedule**: AdamW, peak LR 2e-5, 3% warmup, cosine decay to 10%, gradient clipping at 1.0,
-#   micro-batch 8 x 4 accumulation steps of 2048-token packed windows. The step count is dynamic:
+#   micro-batch 16 x 2 accumulation steps of 2048-token packed windows. The step count is dynamic:
 #   `ceil(epochs x windows / batch)`, cut to what the time budget allows after timing the first steps,
 #   and the LR schedule follows the cut so that it still ends decayed.
 # - **Mesh**: 8-way FSDP over the v5e-8 (Gemma2-2B's 4 KV heads cannot split 8 ways for tensor
-#   parallelism). No rematerialisation: with the chunked loss the step needs 11.4 of the 16 GiB per
+#   parallelism). No rematerialisation: with the chunked loss the step needs 14.2 of the 16 GiB per
 #   chip (compiled ahead of time for a v5e-8, `benchmarks/results_tpu_fit.md`).
 # - **Checkpoints**: orbax, every 200 steps and every 30 minutes, plus one at the end; a re-run of
 #   the notebook resumes from the last one (LoRA, optimizer and the data iterator's position).
