@@ -525,12 +525,13 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
             check_writable_dir(d.out_dir, "--data")
     if stage == "train_sft":
         check_writable_dir(r.out_dir, "--out")
-        if saved_lora_shape(Path(r.out_dir)):  # an existing run is resumed
-            check_saved_lora(r.out_dir, cfg, "--out")
+        out_dir = Path(r.out_dir).expanduser()
+        if (out_dir / "config.json").exists() or saved_lora_shape(out_dir):  # an existing run is resumed
+            check_saved_run(out_dir, cfg, "--out")
         elif r.init_from:
-            check_saved_lora(r.init_from, cfg, "--init-from")
+            check_saved_run(r.init_from, cfg, "--init-from")
     if stage in ("eval_samples", "export"):
-        check_saved_lora(args.run, cfg, "--run", args.step)
+        check_saved_run(args.run, cfg, "--run", args.step)
         check_writable_dir(args.out or Path(args.run) / "eval", "--out")
     if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
         raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
@@ -596,12 +597,38 @@ def saved_lora_shape(run_dir: Path, step: int | None = None) -> tuple[Path, dict
     return None
 
 
-def check_saved_lora(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
-    """A run directory to load LoRA weights from must exist, and its checkpoint must hold the LoRA rank, layers
-    and width these settings build. Without readable metadata the checkpoint restore reports the problem."""
+# Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
+TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
+                    "head_dim")
+
+
+def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
+    """What a run's LoRA weights fit, from its config as a dict: the model (its name, or the tiny model's sizes)
+    and the LoRA's rank and target modules."""
+    model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
+    return {**{f"model.{k}": c["model"][k] for k in model_keys},
+            **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
+
+
+def check_saved_run(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
+    """A run directory a stage resumes, starts from or loads must exist and must have been trained for the model
+    and LoRA these settings build: by its config.json, or without one by its checkpoint's LoRA shapes. Standard
+    library only, so it stops a mismatch before JAX is imported; restoring checks tensor by tensor as well."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            theirs = _run_identity(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} does not read as a run's config: restore it, or pass another {flag}") from None
+        ours = _run_identity(cfg.to_dict())
+        if diff := [k for k in ours if theirs.get(k) != ours[k]]:
+            raise ConfigError(f"{run_dir} was trained with " + ", ".join(f"--{k} {theirs.get(k)}" for k in diff)
+                              + " but this run has " + ", ".join(f"--{k} {ours[k]}" for k in diff)
+                              + f": use that run's settings, or pass another {flag}")
+        return
     saved = saved_lora_shape(run_dir, step)
     if saved is None:
         return

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from config import Config, ConfigError, config_from_argv
+from config import Config, ConfigError, check_saved_run, config_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
     config_from_argv(None, "train_sft", __doc__)
@@ -47,7 +47,6 @@ from model import (
     CHECKPOINT_SUBDIR,
     build_model,
     build_sampler,
-    check_same_model,
     check_same_tokenizer,
     checkpoint_step,
     count_params,
@@ -568,11 +567,11 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
     windows = data_prep.num_windows(data_dir, "train")
     resume_step = latest_step(run_dir)  # damaged newer checkpoints are set aside here
     # A run that cannot resume this one stops before any model is built, and leaves its config.json alone.
-    check_same_model(run_dir, cfg)
+    check_saved_run(run_dir, cfg, "--out")
     check_same_tokenizer(run_dir, data_dir)
     if cfg.run.init_from and resume_step is None:
         checkpoint_step(cfg.run.init_from)  # fail before any heavy work
-        check_same_model(Path(cfg.run.init_from), cfg)
+        check_saved_run(cfg.run.init_from, cfg, "--init-from")
         check_same_tokenizer(Path(cfg.run.init_from), data_dir)
     probe_prompts = held_out_prompts(data_dir, cfg.eval.generate_prompts) if cfg.eval.generate_every else []
     (run_dir / "config.json").write_text(json.dumps(

@@ -58,14 +58,14 @@ def test_bad_settings_stop_before_heavy_imports(script: str, args: list[str], me
 def test_a_checkpoint_of_another_rank_stops_before_heavy_imports(flag: str, tiny_run_dir: Path, tmp_path: Path
                                                                  ) -> None:
     """--init-from a run of another rank, or resuming an existing run with another rank, is refused from the
-    checkpoint's own metadata before JAX is imported (and the existing run's config.json is left alone)."""
+    run's config.json before JAX is imported (and that config.json is left alone)."""
     run_config = (tiny_run_dir / "config.json").read_text()
     out = tiny_run_dir if flag == "--out" else tmp_path / "new"
     code, stderr, imported = run_stage("train_sft.py", "--preset", "cpu-tiny", "--lora.rank", "8", "--out", out,
                                        *(["--init-from", tiny_run_dir] if flag == "--init-from" else []))
     assert code == 1 and len(stderr) == 1, stderr
-    assert stderr[0].startswith(f"error: checkpoint {tiny_run_dir}/checkpoints/") and stderr[0].endswith(flag)
-    assert "holds LoRA rank 16 on 4 layers of width 128, but these settings build rank 8" in stderr[0]
+    assert stderr[0] == (f"error: {tiny_run_dir} was trained with --lora.rank 16 but this run has --lora.rank 8: "
+                         f"use that run's settings, or pass another {flag}")
     assert not imported & HEAVY_MODULES
     assert (tiny_run_dir / "config.json").read_text() == run_config
 
@@ -82,6 +82,11 @@ def test_saved_lora_shape_reads_orbax_metadata_and_skips_unreadable_steps(tiny_r
     assert config.saved_lora_shape(run) == (run / "checkpoints" / str(steps[-2]), want)
     assert config.saved_lora_shape(run, steps[-1]) is None
     assert config.saved_lora_shape(tmp_path / "no_run") is None
+    # without its config.json, a run is checked by its checkpoint's LoRA shapes
+    config.check_saved_run(run, cfg, "--run")
+    with pytest.raises(config.ConfigError, match=r"holds LoRA rank 16 on 4 layers of width 128, but these settings "
+                                                 r"build rank 8 on 4 layers of width 128: .* or another --run$"):
+        config.check_saved_run(run, config.get_config("cpu-tiny", {"lora.rank": "8"}), "--run")
 
 
 @pytest.mark.parametrize("name", ["optim.learning_rate", "optim.b2", "lora.alpha", "run.epochs", "eval.top_p"])

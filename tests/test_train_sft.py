@@ -394,6 +394,7 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
         cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "3",
             "run.grad_accum": "2",
             "run.eval_every": "3", "run.eval_batches": "1", "run.out_dir": "{tmp_path / 'fsdp8'}",
+            "eval.generate_every": "0",  # the format probe is tested on one device (test_format_probe.py)
             "data.out_dir": "{tiny_data_dir}"}})
         summary = train_sft.train(cfg, cfg.data.out_dir and __import__("pathlib").Path(cfg.data.out_dir))
         mesh = model.make_mesh(cfg)
