@@ -45,9 +45,6 @@ RESUME_METADATA = ("data_iterator", "planned_steps")
 # The lock file of a run directory, and the runs this process holds (one writer per run).
 RUN_LOCK = "run.lock"
 _HELD_LOCKS: dict[Path, Any] = {}
-# Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
-TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
-                    "head_dim")
 # Peak dense bf16 FLOP/s of one device, by the start of its jax device_kind (the longest match wins), for model
 # FLOPs utilisation. NVIDIA's kinds carry the memory and form factor ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB
 # HBM3"): the A100s all peak at 312e12; an H100 or H200 at 989e12 in SXM form, less as PCIe or NVL cards.
@@ -346,10 +343,28 @@ def padded_prompt_length(tokenizer: spm.SentencePieceProcessor, prompts: list[di
     return next_power_of_2(max(len(tokenizer.encode(data_prep.build_prompt(p["prompt"]))) for p in prompts) + 1)
 
 
+# Tunix's Sampler masks forbidden ids as a static tuple of Python ints (one pytree leaf each): fine for the 128
+# embedding rows past Gemma's 256,000 pieces, but a tokenizer far smaller than the embedding (254,080 ids) made
+# the decode step's compile exhaust 23 GB.
+MAX_UNDECODABLE_IDS = 1024
+
+
+def undecodable_ids(tokenizer: spm.SentencePieceProcessor, model: nnx.Module) -> range:
+    """The embedding rows past the tokenizer's pieces: they cannot be decoded, so generation never samples them."""
+    ids = range(tokenizer.get_piece_size(), model.config.num_embed)
+    if len(ids) > MAX_UNDECODABLE_IDS:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model "
+                          f"{model.config.num_embed} embedding rows, and Tunix's Sampler cannot mask {len(ids)} "
+                          f"ids: generate with the tokenizer the model was built for (--model.tokenizer_path)")
+    return ids
+
+
 def build_sampler(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompt_len: int, max_new_tokens: int
                   ) -> Sampler:
     """A Sampler over model's own variables: it generates with the weights as they are at each call, and it compiles
-    its prefill and decode steps once for a batch shape, so a run that generates repeatedly builds one and reuses it."""
+    its prefill and decode steps once for a batch shape, so a run that generates repeatedly builds one and reuses it.
+    It refuses a tokenizer it could not generate with (undecodable_ids) before a training run starts."""
+    undecodable_ids(tokenizer, model)
     mc = model.config
     return Sampler(model, tokenizer, CacheConfig(prompt_len + max_new_tokens, mc.num_layers, mc.num_kv_heads,
                                                  mc.head_dim))
@@ -365,11 +380,8 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
     texts = [data_prep.build_prompt(p["prompt"]) for p in prompts]
     prompt_len = padded_prompt_length(tokenizer, prompts)
     batch_size = min(ecfg.batch_size, len(texts))
-    mc = model.config
     sampler = sampler or build_sampler(model, tokenizer, prompt_len, ecfg.max_new_tokens)
     stop_ids = [tokenizer.piece_to_id(data_prep.END_OF_TURN), tokenizer.eos_id()]
-    # The embedding table is padded past the tokenizer's pieces; such ids cannot be decoded, so never sample them.
-    undecodable = range(tokenizer.get_piece_size(), mc.num_embed)
     # Temperature 0 is the sampler's greedy mode; it takes top_p/top_k only for sampling.
     sampling = {} if ecfg.temperature <= 0 else dict(
         temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k, seed=ecfg.seed)
@@ -380,7 +392,7 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
         began = time.perf_counter()
         out = sampler(chunk + chunk[-1:] * (batch_size - len(chunk)), max_generation_steps=ecfg.max_new_tokens,
                       max_prompt_length=prompt_len, eos_tokens=stop_ids,
-                      forbidden_tokens=undecodable, **sampling)
+                      forbidden_tokens=undecodable_ids(tokenizer, model), **sampling)
         seconds = time.perf_counter() - began
         # The sampler cuts each output before its first stop token: a full-length output never stopped.
         lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
@@ -478,11 +490,20 @@ def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
         item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
 
 
+# Checkpoints this process has read back whole, by (metadata path, its mtime): each is read once, not once per
+# caller (evaluation asks for its step, then restores it).
+_READ_BACK_WHOLE: set[tuple[Path, int]] = set()
+
+
 def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
     """Why checkpoint ``step`` cannot be resumed from, or None when all of it reads back: its metadata with the
     data position and step plan, and every array of the LoRA weights and the optimizer state."""
+    metadata_path = ckpt_dir / str(step) / "_CHECKPOINT_METADATA"
     try:
-        custom = json.loads((ckpt_dir / str(step) / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]
+        read_back = (metadata_path, metadata_path.stat().st_mtime_ns)
+        if read_back in _READ_BACK_WHOLE:
+            return None
+        custom = json.loads(metadata_path.read_text())["custom_metadata"]
     except (OSError, ValueError, TypeError, KeyError) as err:
         return f"its _CHECKPOINT_METADATA does not read ({type(err).__name__})"
     if not isinstance(custom, dict) or any(key not in custom for key in RESUME_METADATA):
@@ -495,6 +516,7 @@ def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
                 for item in CHECKPOINT_ITEMS}))
     except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
         return f"it does not read back: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    _READ_BACK_WHOLE.add(read_back)
     return None
 
 
@@ -570,29 +592,6 @@ def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
     nnx.update(model, restored.model_params)
     return step
-
-
-def check_same_model(run_dir: Path, cfg: Config) -> None:
-    """A run trained for another model or LoRA rank cannot be resumed or started from: one line, before any
-    model is built (the tensor-by-tensor check of ``restore_lora`` is the backstop)."""
-    path = run_dir / "config.json"
-    if not path.exists():
-        return
-    try:
-        theirs = json.loads(path.read_text())
-    except ValueError:
-        raise ConfigError(f"{path} does not read as JSON: restore it, or pass another --out") from None
-
-    def identity(c: dict[str, Any]) -> dict[str, Any]:
-        model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
-        return {**{f"model.{k}": c["model"][k] for k in model_keys},
-                **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
-
-    ours, recorded = identity(cfg.to_dict()), identity(theirs)
-    if diff := [k for k in ours if recorded.get(k) != ours[k]]:
-        raise ConfigError(f"{run_dir} was trained with " + ", ".join(f"--{k} {recorded.get(k)}" for k in diff)
-                          + " but this run has " + ", ".join(f"--{k} {ours[k]}" for k in diff)
-                          + ": use that run's settings, or pass another --out")
 
 
 def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:

@@ -252,6 +252,22 @@ def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_
         model.check_same_tokenizer(tmp_path, tiny_data_dir)
 
 
+def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_tokenizer_far_too_small():
+    """Gemma's 128 padding rows are masked; a 2,048-piece tokenizer on the 256,128-row embedding is refused at
+    once (Tunix's Sampler would spend its compile on 254,080 forbidden ids and run out of memory)."""
+    tokenizer = data_prep.load_tokenizer(config.get_config("cpu-tiny").model)
+    pieces = tokenizer.get_piece_size()
+
+    def ids(vocab: int) -> range:
+        shapes = config.get_config("cpu-tiny", {"model.vocab_size": str(vocab)}).model
+        return model.undecodable_ids(tokenizer, model.abstract_model(shapes))
+
+    assert ids(pieces) == range(0)
+    assert ids(pieces + 128) == range(pieces, pieces + 128)
+    with pytest.raises(config.ConfigError, match="--model.tokenizer_path"):
+        ids(pieces + model.MAX_UNDECODABLE_IDS + 1)
+
+
 @pytest.mark.parametrize("kind, peak", [
     ("TPU v5 lite", 197e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("cpu", None)])
@@ -295,6 +311,19 @@ def test_a_damaged_checkpoint_is_set_aside_and_every_reader_gets_the_newest_good
     assert note.endswith(f"set aside as {aside}") and not (ckpt_dir / str(damaged)).exists()
     assert model.latest_step(run_dir) == good and capsys.readouterr().out == ""  # nothing more to set aside
     assert model.restore_lora(tiny_model, run_dir) == good
+
+
+def test_a_checkpoint_is_read_back_whole_once_per_process_until_it_is_rewritten(tiny_run_dir, tmp_path,
+                                                                                  monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    assert model.latest_step(run_dir) == 12
+    monkeypatch.setattr(model, "_checkpoint_manager", lambda *_: pytest.fail("checkpoint 12 was read again"))
+    assert model.checkpoint_step(run_dir) == model.latest_step(run_dir) == 12
+    metadata = run_dir / model.CHECKPOINT_SUBDIR / "12" / "_CHECKPOINT_METADATA"
+    os.utime(metadata, ns=(metadata.stat().st_atime_ns, metadata.stat().st_mtime_ns + 1))  # saved again
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        model.latest_step(run_dir)
 
 
 def test_a_damaged_checkpoint_is_left_in_place_while_another_process_writes_the_run(tiny_run_dir, tmp_path, capsys):
