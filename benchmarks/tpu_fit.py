@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import resource
 import shlex
 import sys
@@ -135,8 +136,23 @@ def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh, trainer: train_sft.SFTT
             for name in data_prep.BATCH_FIELDS}
 
 
+class DoesNotFit(NamedTuple):
+    """The compiler's refusal of a step too big for the chip (RESOURCE_EXHAUSTED): its temporaries alone, and
+    the HBM it had for them, in bytes."""
+
+    temporaries: float
+    available: float
+
+
+def does_not_fit(err: Exception) -> DoesNotFit | None:
+    """The figures of XLA's "Ran out of memory on HBM" compile error (its G are GiB), or None for another error."""
+    found = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(err))
+    return DoesNotFit(float(found[1]) * GIB, float(found[2]) * GIB) if found else None
+
+
 def compile_train_step(cfg: Config, devices: list[Any]) -> tuple[Any, dict[str, float]]:
-    """The trainer's jitted train step, traced, lowered and compiled for devices; and the seconds of each."""
+    """The trainer's jitted train step, traced, lowered and compiled for devices (or DoesNotFit, when the
+    compiler finds it too big for the chip); and the seconds of each."""
     auto = jax.sharding.AxisType.Auto
     mesh = jax.make_mesh((cfg.run.mesh_fsdp, cfg.run.mesh_tp), ("fsdp", "tp"), axis_types=(auto, auto),
                          devices=devices)
@@ -155,25 +171,34 @@ def compile_train_step(cfg: Config, devices: list[Any]) -> tuple[Any, dict[str, 
         lowered = traced.lower()
         seconds["lower_s"] = time.perf_counter() - began
         began = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            compiled = does_not_fit(err)
+            if compiled is None:
+                raise
         seconds["compile_s"] = time.perf_counter() - began
     trainer.close()
     return compiled, seconds
 
 
 def fit_report(cfg: Config, compiled: Any, chip: Chip | None, n_chips: int) -> dict[str, float]:
-    """Per chip: memory of the compiled step, its cost, and the lower bounds on its time at the chip's peak."""
+    """Per chip: memory of the compiled step, its cost, and the lower bounds on its time at the chip's peak; of
+    a step that does not fit, the temporaries it needed and the HBM available."""
+    tokens = cfg.run.micro_batch * cfg.data.max_len
+    # Useful work, without remat's recomputed forward: cost_analysis undercounts windowed-einsum matmuls.
+    model_flops = model.flops_per_token(cfg.model, cfg.data.max_len) * tokens / n_chips
+    if isinstance(compiled, DoesNotFit):
+        return {"temporaries": compiled.temporaries, "available": compiled.available, "model_flops": model_flops}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    tokens = cfg.run.micro_batch * cfg.data.max_len
     row = {
         "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
         "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
         "code": mem.generated_code_size_in_bytes,
         "compiled_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        # Useful work, without remat's recomputed forward: cost_analysis undercounts windowed-einsum matmuls.
-        "model_flops": model.flops_per_token(cfg.model, cfg.data.max_len) * tokens / n_chips,
+        "model_flops": model_flops,
     }
     row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"] + row["code"]
     if chip:
@@ -195,14 +220,19 @@ def _version(dist: str) -> str:
 def markdown_row(cfg: Config, target: str, row: dict[str, float], seconds: dict[str, float], command: str) -> str:
     gib = {k: f"{row[k] / GIB:.2f}" if k in row else "-" for k in
            ("arguments", "outputs", "aliased", "temporaries", "code", "total", "headroom")}
+    if "available" in row:
+        gib["temporaries"] = f"{gib['temporaries']} (needed)"
+        gib["headroom"] = f"does not fit ({row['available'] / GIB:.2f} available)"
+    tera = {k: f"{row[k] / 1e12:.2f}" if k in row else "-" for k in ("compiled_flops", "model_flops")}
+    gb_accessed = f"{row['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in row else "-"
     timing = (f"{row['compute_s'] * 1e3:.0f} / {row['memory_s'] * 1e3:.0f} / {row['step_s']:.2f}"
               if "step_s" in row else "-")
     tokens_per_s = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-"
     return (f"| {time.strftime('%Y-%m-%d %H:%M')} | {target} | {cfg.preset} | {cfg.model.remat} | "
             f"{cfg.run.micro_batch} x {cfg.data.max_len} x {cfg.run.grad_accum} | {loss_name(cfg)} | "
             f"{gib['arguments']} | {gib['outputs']} | {gib['aliased']} | {gib['temporaries']} | {gib['code']} | "
-            f"**{gib['total']}** | **{gib['headroom']}** | {row['compiled_flops'] / 1e12:.2f} | "
-            f"{row['model_flops'] / 1e12:.2f} | {row['bytes_accessed'] / 1e9:.1f} | {timing} | {tokens_per_s} | "
+            f"**{gib['total']}** | **{gib['headroom']}** | {tera['compiled_flops']} | {tera['model_flops']} | "
+            f"{gb_accessed} | {timing} | {tokens_per_s} | "
             f"jax {jax.__version__}, libtpu {_version('libtpu')} | "
             f"{seconds['compile_s']:.0f} s, {peak_rss_gib():.1f} GiB | `{command}` |")
 
@@ -262,10 +292,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     row = fit_report(cfg, compiled, chip, n_chips)
     line = markdown_row(cfg, target, row, seconds, command)
     print("\n".join(f"{k:>15}: {v / GIB:8.2f} GiB" for k, v in row.items()
-                    if k in ("arguments", "outputs", "aliased", "temporaries", "code", "total", "headroom")))
-    print(f"compiled {row['compiled_flops']:.3e} FLOP, model {row['model_flops']:.3e} FLOP, "
-          f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step; "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+                    if k in ("arguments", "outputs", "aliased", "temporaries", "code", "total", "headroom",
+                             "available")))
+    if "available" in row:
+        print(f"does not fit: its temporaries alone need {row['temporaries'] / GIB:.2f} GiB of the "
+              f"{row['available'] / GIB:.2f} GiB the chip has for them")
+    else:
+        print(f"compiled {row['compiled_flops']:.3e} FLOP, model {row['model_flops']:.3e} FLOP, "
+              f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step; "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     if "step_s" in row:
         print(f"lower bound per micro-step: compute {row['compute_s'] * 1e3:.0f} ms, memory "
               f"{row['memory_s'] * 1e3:.0f} ms; per optimizer step {row['step_s']:.2f} s, "

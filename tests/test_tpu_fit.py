@@ -50,6 +50,22 @@ def test_dry_run_compiles_the_trainer_step_and_appends_its_row(tmp_path):
     assert "`python benchmarks/tpu_fit.py --dry-run --results" in rows[0]
 
 
+def test_a_step_the_compiler_finds_too_big_is_a_row_that_says_so():
+    """XLA's refusal, as libtpu printed it for the kaggle step at micro-batch 32 without remat, is a row."""
+    tpu_fit = load_tpu_fit()
+    refusal = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (27.63G) "
+        "exceeds available HBM (15.75G).")
+    too_big = tpu_fit.does_not_fit(refusal)
+    assert too_big == (27.63 * tpu_fit.GIB, 15.75 * tpu_fit.GIB)
+    assert tpu_fit.does_not_fit(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+    cfg = tpu_fit.get_config("kaggle", {"run.micro_batch": "32", "run.grad_accum": "1"})
+    row = tpu_fit.fit_report(cfg, too_big, tpu_fit.CHIPS["TPU v5 lite"], 8)
+    line = tpu_fit.markdown_row(cfg, "v5e:2x4", row, {"compile_s": 60.0}, "python benchmarks/tpu_fit.py")
+    assert "| 32 x 2048 x 1 | chunks of 512 | - | - | - | 27.63 (needed) | - | **-** | " in line
+    assert "**does not fit (15.75 available)**" in line
+
+
 def test_tunix_shard_constraints_survive_on_cpu_inside_the_check_only():
     tpu_fit = load_tpu_fit()
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
