@@ -26,7 +26,7 @@ def test_ipynb_is_in_sync_with_the_py_source() -> None:
 
 
 def test_notebook_runs_top_to_bottom_on_cpu_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = {"run.max_steps": "8", "run.eval_every": "100", "run.eval_batches": "1",
+    overrides = {"run.max_steps": "8", "run.eval_every": "100", "run.eval_batches": "1", "eval.generate_every": "0",
                  "eval.num_prompts": "2", "eval.max_new_tokens": "16", "eval.batch_size": "2"}
     monkeypatch.setenv("TUNIX_SFT_PRESET", "cpu-tiny")
     monkeypatch.setenv("TUNIX_SFT_OVERRIDES", json.dumps(overrides))
