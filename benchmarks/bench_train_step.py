@@ -54,6 +54,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def loss_tokens(batch: int, seq: int) -> int:
+    """Targets that carry the loss in one step, on both sides: the first half of each row is masked (the peer's
+    labels -100, our loss_mask 0), so the shifted loss predicts the last seq - seq // 2 tokens of each row."""
+    return batch * (seq - seq // 2)
+
+
 def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[dict]:
     """Fixed-shape rows of random ids (>= 4, like the peer), the second half of each row as the loss tokens."""
     import numpy as np
@@ -94,7 +100,9 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
         train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
         losses, times, first_s = [], [], None
         cpu0 = None
-        for i, example in enumerate(random_batches(warmup + steps, batch, seq, cfg.model.vocab_size, seed + 1)):
+        batches = random_batches(warmup + steps, batch, seq, cfg.model.vocab_size, seed + 1)
+        assert all(int(b["loss_mask"][:, 1:].sum()) == loss_tokens(batch, seq) for b in batches)
+        for i, example in enumerate(batches):
             if i == warmup:
                 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
@@ -198,12 +206,14 @@ def markdown(results: list[dict], command: str, started: str) -> str:
                      f"peft {v['peft']}{extra}; {peer_r['trainable_params']:,} trainable / "
                      f"{peer_r['total_params']:,} base params.")
     lines += ["", "Median of 10 timed steps after 3 warmup steps; tokens/s counts every token (b × s / median step), "
-              "as the peer does. Ratio = JAX tokens/s ÷ that row's tokens/s (> 1: JAX faster).", "",
-              "| shape (tokens/step) | allocator | impl | step_s median | tokens/s | JAX/this | peak RSS MB | "
-              "step_s min–max | load 1m before→after |", "|---|---|---|---|---|---|---|---|---|"]
+              "as the peer does; loss-bearing tokens/s counts the targets of the loss (the last half of each row, "
+              "on both sides). Ratio = JAX tokens/s ÷ that row's tokens/s (> 1: JAX faster).", "",
+              "| shape (tokens/step) | allocator | impl | step_s median | tokens/s | loss-bearing tokens/s | "
+              "JAX/this | peak RSS MB | step_s min–max | load 1m before→after |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| | | error: {r['error']} `{' '.join(r['cmd'][-6:])}` | | | | | | |")
+            lines.append(f"| | | error: {r['error']} `{' '.join(r['cmd'][-6:])}` | | | | | | | |")
             continue
         c = r["config"]
         ref = next((j for j in ok if j["impl"].startswith("jax") and j["allocator"] == r["allocator"]
@@ -211,7 +221,9 @@ def markdown(results: list[dict], command: str, started: str) -> str:
         ratio = f"{ref['tokens_per_s'] / r['tokens_per_s']:.2f}" if ref else "–"
         impl = r["impl"] if r["impl"].startswith("jax") else f"{r['impl']} ({r['mode']})"
         lines.append(f"| b{c['batch']} × s{c['seq']} ({c['batch'] * c['seq']}) | {r['allocator']} | {impl} | "
-                     f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{loss_tokens(c['batch'], c['seq']) / r['step_s_median']:.0f} | {ratio} | "
+                     f"{r['peak_rss_mb']:.0f} | "
                      f"{min(r['step_s_all']):.3f}–{max(r['step_s_all']):.3f} | "
                      f"{r['load_1m_before']:.2f}→{r['load_1m_after']:.2f} |")
     lines += ["", END]
