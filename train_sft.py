@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -485,6 +486,23 @@ class SFTTrainer(peft_trainer.PeftTrainer):
             return {}
         return {"data_iterator": self.feeder.iterator.get_state(), "planned_steps": self.plan.total_steps,
                 "save_s": max(self.feeder.monitor.save_times, default=None)}
+
+    def jit_train_and_eval_step(self, skip_jit: bool = False, cache_nnx_graph: bool = False) -> tuple[Any, Any]:
+        """PeftTrainer's steps, with the model donated to the train step as well as the optimizer. The step returns
+        the whole model state, frozen weights included; without donation XLA writes them to fresh buffers each
+        step, a second copy of the base model (5.3 GiB on one device, 0.7 GiB per v5e chip at fsdp 8). The
+        Sampler and the trainer hold the model's Variables, which take the new arrays, so nothing reads a donated
+        one."""
+        if skip_jit or self._jitted_train_step_fn is not None:
+            return super().jit_train_and_eval_step(skip_jit, cache_nnx_graph)
+        self._shard_optimizer(jax.interpreters.pxla.thread_resources.env.physical_mesh)  # as PeftTrainer does
+        train_step = nnx.jit(self.create_train_step_fn(), donate_argnums=(0, 1))
+        eval_step = nnx.jit(self.create_eval_step_fn())
+        bind = (lambda f, *args: functools.partial(nnx.cached_partial(f, *args))) if cache_nnx_graph else \
+            functools.partial
+        self._jitted_train_step_fn = bind(train_step, self.model, self.optimizer)
+        self._jitted_eval_step_fn = bind(eval_step, self.model)
+        return self._jitted_train_step_fn, self._jitted_eval_step_fn
 
     def _save_last_checkpoint(self):
         # PeftTrainer's own final save omits custom metadata; without it a resume would replay data.
