@@ -2,22 +2,23 @@
 
 Writes a random bf16 Gemma2-2B-it checkpoint in the Kaggle Flax layout (every real key and shape, the MLP's
 gate and up projections stacked as ``gating_einsum`` (2, 2304, 9216)) plus the tiny tokenizer (its ids are
-a subset of Gemma's) as a fake download, then runs the real command-line stages on it with the ``kaggle``
-preset and only the overrides its size on this machine demands: data preparation from the shipped sample,
-the conversion to the NNX cache, training with a checkpoint, a SIGKILL and a resume, ``eval_samples.py
---loss-only`` and a few generated tokens, and both exports. It then loads the orbax export exactly as the
-judges do (``params.load_and_format_params`` + ``Gemma.from_params(params, version="2-2b-it")``) and the HF
-export with transformers' ``Gemma2ForCausalLM``, compares their logits with the LoRA model's, and checks
-the HF config.json against the published gemma-2-2b-it values.
+a subset of Gemma's) padded to Gemma's 256,000 pieces as a fake download, then runs the real command-line
+stages on it with the ``kaggle`` preset and only the overrides its size on this machine demands: data
+preparation from the shipped sample, the conversion to the NNX cache, training with a checkpoint, a SIGKILL
+and a resume, ``eval_samples.py --loss-only`` and a few generated tokens, and both exports. It then loads
+the orbax export exactly as the judges do (``params.load_and_format_params`` + ``Gemma.from_params(params,
+version="2-2b-it")``) and the HF export with transformers' ``Gemma2ForCausalLM``, compares their logits
+with the LoRA model's, and checks the HF config.json against the published gemma-2-2b-it values.
 
-    flock /tmp/heavy.lock nice python benchmarks/real_shape_cpu.py              # 26 layers
-    python benchmarks/real_shape_cpu.py --layers 2                               # every real width, 2 layers
+    python benchmarks/real_shape_cpu.py --layers 2              # every real width, 2 layers: every stage
+    python benchmarks/real_shape_cpu.py --layers 26 --base-only # Gemma2-2B-it itself: what needs no training
 
 Each stage is one subprocess whose wall time and peak RSS (wait4) are measured; the table is printed and
 appended to benchmarks/results_real_shape_cpu.md. A re-run with the same ``--work`` continues after the
-stages that passed. Measured with ``--layers 2`` on a loaded 2-core, 24 GiB machine: 1-20 minutes a stage,
-training peaks at 12 GB RSS and generation (last; ``--no-generate`` skips it) at 23 GB with the tiny tokenizer,
-so run it alone under ``flock /tmp/heavy.lock``; 26 layers needs more memory than such a machine has free.
+stages that passed. Run it alone (``flock /tmp/heavy.lock`` where other jobs share the machine): on a 2-core,
+24 GiB machine ``--layers 2`` takes about 15 minutes and its training peaks at 10.6 GB RSS; at 26 layers
+training needs more memory than such a machine has, so ``--base-only`` writes the checkpoint, converts it
+and loads it with the judges' loader (about MINUTES_26 minutes, peak PEAK_26 GB).
 Overrides beyond size: a learning rate of 1e-3 without warmup, so that three steps move the LoRA far
 enough that the exports' logits visibly differ from the base model's (a merge that dropped the LoRA fails).
 """
@@ -104,13 +105,31 @@ def write_checkpoint(args: argparse.Namespace) -> str:
     params = {path: v.get_value() for path, v in state.flat_state()}
     folder = download / config.checkpoint_folder_names(cfg.model)[0]
     export.save_kaggle_checkpoint(params, folder)
-    shutil.copy(config.TINY_TOKENIZER_PATH, download / "tokenizer.model")
+    write_gemma_sized_tokenizer(download / "tokenizer.model")
     gating = params[("layers", 0, "mlp", "gate_proj", "kernel")].shape
     return f"{len(params)} tensors, gating_einsum (2, {gating[0]}, {gating[1]}), {du(download)}"
 
 
+GEMMA_TOKENIZER_PIECES = 256000
+
+
+def write_gemma_sized_tokenizer(out_path: Path) -> None:
+    """The tiny tokenizer padded with never-produced (UNUSED) pieces to Gemma's 256,000, so that, as with Gemma's
+    own, only the embedding's last 128 rows are undecodable (model.undecodable_ids); it encodes text as the tiny
+    one does."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(config.TINY_TOKENIZER_PATH.read_bytes())
+    unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED  # never produced by encoding
+    for index in range(len(proto.pieces), GEMMA_TOKENIZER_PIECES):
+        proto.pieces.add(piece=f"<padding{index}>", score=0.0, type=unused)
+    out_path.write_bytes(proto.SerializeToString())
+
+
 def convert(args: argparse.Namespace) -> str:
-    """The first load converts the download to the NNX cache; the second reads the cache."""
+    """Converts the download to the NNX cache as training's first load does, and keeps the converted model's
+    logits on PROBE_TOKENS for load_download."""
     import jax
 
     import model
@@ -119,6 +138,7 @@ def convert(args: argparse.Namespace) -> str:
     mesh = model.make_mesh(cfg)
     with jax.set_mesh(mesh):
         base = model.load_base_model(cfg, mesh)
+        np.save(Path(args.work) / "converted_logits.npy", logits_of(base))
     cache = next((Path(args.work) / "cache").iterdir())
     return f"{model.count_params(base) / 1e9:.3f}B params, cache {cache.name} {du(cache)}"
 
@@ -158,24 +178,28 @@ def logits_of(gemma: object) -> np.ndarray:
     return np.asarray(logits.astype(jnp.float32))[0]
 
 
-def compare(name: str, logits: np.ndarray, work: Path) -> str:
-    """Checks logits against the LoRA model's, to the bf16 tolerance; raises with the figures if they differ."""
-
-    lora, base = np.load(work / "lora_logits.npy"), np.load(work / "base_logits.npy")
-    vocab = min(logits.shape[-1], lora.shape[-1])
-    diff = np.abs(logits[:, :vocab] - lora[:, :vocab]).max()
-    lora_effect = np.abs(lora - base).max()
-    scale = np.abs(lora).max()
-    same_argmax = float((logits[:, :vocab].argmax(-1) == lora[:, :vocab].argmax(-1)).mean())
-    text = (f"{name} vs LoRA model: max |diff| {diff:.3g} (tolerance {BF16_TOLERANCE * scale:.3g}; "
-            f"LoRA effect {lora_effect:.3g}), argmax agrees on {same_argmax:.0%}")
+def compare(name: str, logits: np.ndarray, work: Path, reference: str = "lora") -> str:
+    """Checks logits against the LoRA model's (or the converted base model's), to the bf16 tolerance; raises
+    with the figures if they differ. Against the LoRA model, the difference must also be well under the LoRA's
+    own effect, so that an export that dropped the LoRA fails."""
+    wanted = np.load(work / f"{'lora' if reference == 'lora' else 'converted'}_logits.npy")
+    vocab = min(logits.shape[-1], wanted.shape[-1])
+    diff = np.abs(logits[:, :vocab] - wanted[:, :vocab]).max()
+    scale = np.abs(wanted).max()
+    same_argmax = float((logits[:, :vocab].argmax(-1) == wanted[:, :vocab].argmax(-1)).mean())
+    lora_effect = np.abs(wanted - np.load(work / "base_logits.npy")).max() if reference == "lora" else np.inf
+    text = (f"{name} vs {'LoRA' if reference == 'lora' else 'converted base'} model: max |diff| {diff:.3g} "
+            f"(tolerance {BF16_TOLERANCE * scale:.3g}" + (f"; LoRA effect {lora_effect:.3g}" if reference == "lora"
+                                                           else "") + f"), argmax agrees on {same_argmax:.0%}")
     if not (diff <= BF16_TOLERANCE * scale and diff < lora_effect / 4):
         raise AssertionError(text)
     return text
 
 
-def load_orbax(args: argparse.Namespace) -> str:
-    """The judges' loader, exactly; with fewer layers the same call with the config's layer count cut."""
+def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
+    """A Kaggle-layout checkpoint loaded as the judges load it: ``load_and_format_params`` +
+    ``Gemma.from_params(params, version="2-2b-it")``; with fewer layers the same call with the config's layer
+    count cut."""
     import dataclasses
 
     from tunix.models.gemma import model as gemma_lib
@@ -183,23 +207,33 @@ def load_orbax(args: argparse.Namespace) -> str:
 
     import model
 
-    cfg = cfg_of(args)
-    path = Path(args.work) / "export-orbax" / config.checkpoint_folder_names(cfg.model)[0]
-    params = gemma_params.load_and_format_params(str(path))
+    params = gemma_params.load_and_format_params(str(checkpoint))
     if args.layers == 26:
-        gemma = gemma_lib.Gemma.from_params(params, version="2-2b-it")
-    else:  # from_params knows only the published sizes: its body with the layer count cut
-        published = gemma_lib.ModelConfig.gemma2_2b_it()
-        cut = dataclasses.replace(published, num_layers=args.layers,
-                                  attention_types=published.attention_types[:args.layers])
-        ours = model.gemma_config(cfg.model)
-        same = dataclasses.replace(ours, remat_config=cut.remat_config, attention_types=tuple(ours.attention_types))
-        assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
-        gemma = gemma_lib.module_from_linen_variables(
-            lambda: gemma_lib.Gemma(cut, rngs=gemma_lib.nnx.Rngs(params=0)), params["transformer"],
-            gemma_lib._map_linen_var_names, gemma_lib._assign_linen_params_to_nnx_state)
-    del params
-    return compare("orbax export via load_and_format_params + from_params", logits_of(gemma), Path(args.work))
+        return gemma_lib.Gemma.from_params(params, version="2-2b-it")
+    # from_params knows only the published sizes: its body with the layer count cut
+    published = gemma_lib.ModelConfig.gemma2_2b_it()
+    cut = dataclasses.replace(published, num_layers=args.layers,
+                              attention_types=published.attention_types[:args.layers])
+    ours = model.gemma_config(cfg_of(args).model)
+    same = dataclasses.replace(ours, remat_config=cut.remat_config, attention_types=tuple(ours.attention_types))
+    assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
+    return gemma_lib.module_from_linen_variables(
+        lambda: gemma_lib.Gemma(cut, rngs=gemma_lib.nnx.Rngs(params=0)), params["transformer"],
+        gemma_lib._map_linen_var_names, gemma_lib._assign_linen_params_to_nnx_state)
+
+
+def load_download(args: argparse.Namespace) -> str:
+    """The judges' loader on the written download: it must read the layout as our conversion does."""
+    folder = Path(args.work) / "download" / config.checkpoint_folder_names(cfg_of(args).model)[0]
+    return compare("download via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
+                   Path(args.work), reference="converted")
+
+
+def load_orbax(args: argparse.Namespace) -> str:
+    """The orbax export loaded exactly as the judges load it."""
+    folder = Path(args.work) / "export-orbax" / config.checkpoint_folder_names(cfg_of(args).model)[0]
+    return compare("orbax export via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
+                   Path(args.work))
 
 
 def load_hf(args: argparse.Namespace) -> str:
@@ -219,8 +253,8 @@ def load_hf(args: argparse.Namespace) -> str:
     return "config.json = published values; " + compare("HF export in Gemma2ForCausalLM", logits, Path(args.work))
 
 
-STAGES = {"write-checkpoint": write_checkpoint, "convert": convert, "lora-logits": lora_logits,
-          "load-orbax": load_orbax, "load-hf": load_hf}
+STAGES = {"write-checkpoint": write_checkpoint, "convert": convert, "load-download": load_download,
+          "lora-logits": lora_logits, "load-orbax": load_orbax, "load-hf": load_hf}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -259,7 +293,8 @@ def run_stage(name: str, command: list[str], log_path: Path, kill_after: Path | 
     return {"stage": name, "wall_s": seconds, "peak_rss_gb": usage.ru_maxrss / 1e6, "ok": ok, "result": note}
 
 
-def drive(args: argparse.Namespace) -> list[dict]:
+def drive(args: argparse.Namespace) -> tuple[list[dict], int]:
+    """Runs the stages not yet passed in args.work; returns their rows and how many stages there are."""
     work = Path(args.work)
     py = [sys.executable]
     me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--stage"]
@@ -270,9 +305,12 @@ def drive(args: argparse.Namespace) -> list[dict]:
         ("write Kaggle checkpoint", [*me, "write-checkpoint"], None),
         ("data_prep", [*py, "data_prep.py", *flags], None),
         ("convert to NNX cache", [*me, "convert"], None),
+        ("load the download (judges' loader)", [*me, "load-download"], None),
         ("train (SIGKILL after step 1)", train, ckpt / "1" / "_CHECKPOINT_METADATA"),
         ("train (resume to step 3)", train, None),
         ("eval --loss-only", [*py, "eval_samples.py", *flags, "--run", str(run), "--loss-only"], None),
+        ("eval generate", [*py, "eval_samples.py", *flags, "--run", str(run), "--out", str(work / "eval-gen")],
+         None),
         ("export orbax", [*py, "export.py", *flags, "--run", str(run), "--format", "orbax", "--out",
                           str(work / "export-orbax")], None),
         ("export hf", [*py, "export.py", *flags, "--run", str(run), "--format", "hf", "--out",
@@ -281,9 +319,8 @@ def drive(args: argparse.Namespace) -> list[dict]:
         ("load orbax export (judges' loader)", [*me, "load-orbax"], None),
         ("load HF export (transformers)", [*me, "load-hf"], None),
     ]
-    if not args.no_generate:  # last: with the tiny tokenizer it forbids 254k ids and peaked at 23 GB
-        stages.append(("eval generate", [*py, "eval_samples.py", *flags, "--run", str(run), "--out",
-                                         str(work / "eval-gen")], None))
+    if args.base_only:  # what needs no training: the layout, the conversion and the judges' loader agree
+        stages = [stage for stage in stages if stage[0].startswith(("write", "convert", "load the download"))]
     done_path = work / "stages.jsonl"  # passed stages: a re-run with the same --work continues after them
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     rows = []
@@ -308,7 +345,7 @@ def drive(args: argparse.Namespace) -> list[dict]:
               f"{row['peak_rss_gb']:.2f} GB: {row['result']}", flush=True)
         if not row["ok"] and not args.keep_going:
             break
-    return rows
+    return rows, len(stages)
 
 
 def table(rows: list[dict]) -> str:
@@ -323,7 +360,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=26, help="26 = Gemma2-2B-it; fewer keep every real width")
     parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
     parser.add_argument("--keep-going", action="store_true", help="run the later stages after a failure")
-    parser.add_argument("--no-generate", action="store_true", help="skip the generation stage (see its note)")
+    parser.add_argument("--base-only", action="store_true",
+                        help="only write, convert and load the download with the judges' loader (no training)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one stage, in a subprocess
     args = parser.parse_args()
     if args.stage:
@@ -331,19 +369,22 @@ def main() -> None:
         return
     temporary = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="real_shape_")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     began = time.time()
     try:
-        rows = drive(args)
+        rows, stage_count = drive(args)
     finally:
         if temporary:
             shutil.rmtree(args.work, ignore_errors=True)
     text = table(rows)
     print("\n" + text)
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    passed = all(r["ok"] for r in rows) and len(rows) == stage_count
     header = (f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(began))}: {args.layers} layers, "
-              f"{'all stages pass' if all(r['ok'] for r in rows) and len(rows) >= 11 else 'NOT all stages pass'}"
+              f"{'all stages pass' if passed else 'NOT all stages pass'}"
               f", {(time.time() - began) / 60:.0f} min\n\n"
-              f"Command: `python benchmarks/real_shape_cpu.py --layers {args.layers}`\n"
+              f"Command: `python benchmarks/real_shape_cpu.py --layers {args.layers}"
+              f"{' --base-only' if args.base_only else ''}`\n"
               f"Machine: {platform.machine()}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, load average "
               f"{os.getloadavg()[0]:.1f} at the end (shared), Python {platform.python_version()}\n\n")
     if not RESULTS_PATH.exists():
