@@ -18,7 +18,7 @@ appended to benchmarks/results_real_shape_cpu.md. A re-run with the same ``--wor
 stages that passed. Run it alone (``flock /tmp/heavy.lock`` where other jobs share the machine): on a 2-core,
 24 GiB machine ``--layers 2`` takes about 15 minutes and its training peaks at 10.6 GB RSS; at 26 layers
 training needs more memory than such a machine has, so ``--base-only`` writes the checkpoint, converts it
-and loads it with the judges' loader (about MINUTES_26 minutes, peak PEAK_26 GB).
+and loads it with the judges' loader (about 4 minutes, peak 14 GB RSS).
 Overrides beyond size: a learning rate of 1e-3 without warmup, so that three steps move the LoRA far
 enough that the exports' logits visibly differ from the base model's (a merge that dropped the LoRA fails).
 """
