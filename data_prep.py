@@ -594,17 +594,19 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
             completion, reason = rewrite_with_reason(fields[1]) if isinstance(fields, tuple) else (None, fields)
             if completion is None:
                 yield RowResult(None, reason)
-            elif len(build_prompt(fields[0]).encode()) + len(completion.encode()) > max_bytes:
+                continue
+            rendered = build_prompt(fields[0])  # rendered once: measured here, tokenized below
+            if len(rendered.encode()) + len(completion.encode()) > max_bytes:
                 yield RowResult(None, "too_long")
             else:
-                pending.append((fields[0], completion))
+                pending.append((fields[0], rendered, completion))
                 if len(pending) >= min(wanted, TOKENIZE_BATCH):
                     break
         if not pending:
             return
-        prompt_ids = sp.encode([build_prompt(prompt) for prompt, _ in pending], num_threads=threads)
-        completion_ids = sp.encode([completion for _, completion in pending], num_threads=threads)
-        for (prompt, completion), p_ids, c_ids in zip(pending, prompt_ids, completion_ids, strict=True):
+        prompt_ids = sp.encode([rendered for _, rendered, _ in pending], num_threads=threads)
+        completion_ids = sp.encode([completion for _, _, completion in pending], num_threads=threads)
+        for (prompt, _, completion), p_ids, c_ids in zip(pending, prompt_ids, completion_ids, strict=True):
             example = example_from_ids(sp, p_ids, c_ids, cfg.max_len)
             kept += example is not None
             yield RowResult(example, "" if example else "too_long", prompt, completion, 2 + len(p_ids) + len(c_ids))
