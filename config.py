@@ -526,9 +526,9 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
     if stage == "train_sft":
         check_writable_dir(r.out_dir, "--out")
         out_dir = Path(r.out_dir).expanduser()
-        if (out_dir / "config.json").exists() or saved_lora_shape(out_dir):  # an existing run is resumed
+        if out_dir.is_dir():  # an existing run is resumed: it must fit these settings
             check_saved_run(out_dir, cfg, "--out")
-        elif r.init_from:
+        if r.init_from and saved_lora_shape(out_dir) is None:  # a new run starts from init_from's LoRA
             check_saved_run(r.init_from, cfg, "--init-from")
     if stage in ("eval_samples", "export"):
         check_saved_run(args.run, cfg, "--run", args.step)
@@ -610,13 +610,19 @@ def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
             **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
 
 
+def existing_run_dir(run_dir: str | Path) -> Path:
+    """A run directory a stage reads: it must exist (one line naming the fix, if not)."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    return run_dir
+
+
 def check_saved_run(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
     """A run directory a stage resumes, starts from or loads must exist and must have been trained for the model
     and LoRA these settings build: by its config.json, or without one by its checkpoint's LoRA shapes. Standard
     library only, so it stops a mismatch before JAX is imported; restoring checks tensor by tensor as well."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    run_dir = existing_run_dir(run_dir)
     path = run_dir / "config.json"
     if path.exists():
         try:

@@ -37,7 +37,15 @@ from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
 import data_prep
-from config import CHECKPOINT_SUBDIR, Config, ConfigError, EvalConfig, ModelConfig, kaggle_checkpoint_dir
+from config import (
+    CHECKPOINT_SUBDIR,
+    Config,
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    existing_run_dir,
+    kaggle_checkpoint_dir,
+)
 
 # The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
 CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
@@ -563,9 +571,7 @@ def latest_step(run_dir: Path) -> int | None:
 def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
     """The checkpoint step to load from a run directory (its newest good one by default), checked before any
     model is built: a missing run, checkpoint or step stops with one line."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    run_dir = existing_run_dir(run_dir)
     steps = good_steps(run_dir, newest_only=step is None)
     if not steps:
         raise ConfigError(f"no checkpoint that can be restored in {run_dir / CHECKPOINT_SUBDIR}: train first "
