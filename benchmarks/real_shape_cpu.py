@@ -110,19 +110,18 @@ def write_checkpoint(args: argparse.Namespace) -> str:
     return f"{len(params)} tensors, gating_einsum (2, {gating[0]}, {gating[1]}), {du(download)}"
 
 
-GEMMA_TOKENIZER_PIECES = 256000
-
-
 def write_gemma_sized_tokenizer(out_path: Path) -> None:
     """The tiny tokenizer padded with never-produced (UNUSED) pieces to Gemma's 256,000, so that, as with Gemma's
     own, only the embedding's last 128 rows are undecodable (model.undecodable_ids); it encodes text as the tiny
     one does."""
     from sentencepiece import sentencepiece_model_pb2
 
+    from export import HF_VOCAB_SIZE  # Gemma's tokenizer pieces
+
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(config.TINY_TOKENIZER_PATH.read_bytes())
     unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED  # never produced by encoding
-    for index in range(len(proto.pieces), GEMMA_TOKENIZER_PIECES):
+    for index in range(len(proto.pieces), HF_VOCAB_SIZE):
         proto.pieces.add(piece=f"<padding{index}>", score=0.0, type=unused)
     out_path.write_bytes(proto.SerializeToString())
 
