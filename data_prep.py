@@ -4,6 +4,7 @@ Read top to bottom, the pipeline is:
 
 1. rewrite  ``<think>R</think> A``  into  ``<reasoning>R</reasoning>\\n<answer>A</answer>`` (or drop the row),
 2. render the question with Gemma's own chat template (instruction first: Gemma has no system role),
+   both by ``chat_format.py``,
 3. tokenize ``BOS + prompt + completion + <end_of_turn>`` with a loss mask on the completion only,
 4. drop rows longer than ``max_len`` (truncating would cut the answer away; a row with more bytes than
    ``max_len`` tokens can hold is dropped before it is tokenized),
@@ -30,11 +31,20 @@ import itertools
 import json
 import re
 import sys
-import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from chat_format import (
+    END_OF_TURN,
+    GEMMA_CHAT_TEMPLATE,
+    INSTRUCTION,
+    TEMPLATE_MARKER_RE,
+    build_prompt,
+    is_blank,
+    rewrite_response,
+    rewrite_with_reason,
+)
 from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, kaggle_model_dir, local_source
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
@@ -42,7 +52,6 @@ if __name__ == "__main__":  # settings and paths first: a bad one stops in about
 
 import datasets
 import grain
-import jinja2.sandbox
 import matplotlib
 import numpy as np
 import pyarrow as pa
@@ -53,29 +62,9 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-# Gemma has no system role, so this goes in the user turn before the question.
-INSTRUCTION = ("Think step by step inside <reasoning></reasoning>, "
-               "then give your final answer inside <answer></answer>.")
-
-# chat_template of gemma-2-2b-it's tokenizer_config.json, verbatim.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
-
-# Tags are matched whatever their case: to a reader <THINK> is a think tag.
-THINK_OPEN_RE, THINK_CLOSE_RE = re.compile("<think>", re.IGNORECASE), re.compile("</think>", re.IGNORECASE)
-FORBIDDEN_TAG_RE = re.compile(r"</?(?:think|reasoning|answer)>", re.IGNORECASE)
-# Literal chat-template markers in a row's text would become real turn tokens: such rows are dropped.
-TEMPLATE_MARKER_RE = re.compile(r"<(?:start_of_turn|end_of_turn|bos|eos|pad)>")
 # Control characters other than tab, newline and carriage return (NUL, escape, C1 controls ...).
 CONTROL_CHAR_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"
-END_OF_TURN = "<end_of_turn>"
 # Bump when the stored format or the row processing changes: older caches are then rebuilt.
 PREP_VERSION = 2
 SPLITS = ("train", "eval")
@@ -85,129 +74,6 @@ TOKENIZE_BATCH = 256
 LENGTH_PERCENTILES = (1, 5, 10, 50, 90, 95, 99)
 # The derived generation budget is the longest kept completion rounded up to a multiple of this.
 GENERATION_BUDGET_STEP = 128
-
-
-# ----------------------------------------------------------------------------- 1. rewrite
-
-def is_blank(text: str) -> bool:
-    """Nothing a reader sees: whitespace and invisible format characters (zero-width spaces, BOM, soft hyphen)."""
-    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text.strip())
-
-
-def rewrite_with_reason(response: str) -> tuple[str | None, str]:
-    """The rewritten completion and "", or None and the named reason the row is dropped for."""
-    think_open = THINK_OPEN_RE.search(response)
-    if not think_open:
-        return None, "no_think"
-    if not is_blank(response[:think_open.start()]):
-        return None, "text_before_think"
-    think_close = THINK_CLOSE_RE.search(response, think_open.end())
-    if not think_close:
-        return None, "unclosed_think"
-    reasoning, answer = response[think_open.end():think_close.start()], response[think_close.end():]
-    if THINK_OPEN_RE.search(answer):
-        return None, "multiple_think"
-    if FORBIDDEN_TAG_RE.search(reasoning) or FORBIDDEN_TAG_RE.search(answer):
-        return None, "nested_tags"
-    reasoning, answer = reasoning.strip(), answer.strip()
-    if is_blank(reasoning):
-        return None, "empty_reasoning"
-    if is_blank(answer):
-        return None, "empty_answer"
-    return f"<reasoning>{reasoning}</reasoning>\n<answer>{answer}</answer>", ""
-
-
-def rewrite_response(response: str) -> str | None:
-    """``<reasoning>R</reasoning>\\n<answer>A</answer>`` from one ``<think>R</think>A`` response, else None."""
-    return rewrite_with_reason(response)[0]
-
-
-# ----------------------------------------------------------------------------- 2. prompt
-
-def _raise_template_error(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-_JINJA = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-_JINJA.globals["raise_exception"] = _raise_template_error
-_CHAT_TEMPLATE = _JINJA.from_string(GEMMA_CHAT_TEMPLATE)
-
-
-def build_prompt(prompt: str) -> str:
-    """The user turn (instruction + question) and the model-turn opener, as Gemma's template renders them.
-
-    The leading ``<bos>`` is left out: the tokenizer adds BOS as an id, never as text.
-    """
-    messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{prompt}"}]
-    return _CHAT_TEMPLATE.render(messages=messages, bos_token="", add_generation_prompt=True)
-
-
-# ----------------------------------------------------------------------------- the format check (of generated outputs)
-
-TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
-
-
-class FormatCheck(NamedTuple):
-    """Whether a completion is well-formed; if not, the first problem found. Sections are stripped."""
-
-    ok: bool
-    reason: str | None
-    reasoning: str | None
-    answer: str | None
-
-
-def check_format(text: str, truncated: bool = False) -> FormatCheck:
-    """Checks for exactly one non-empty ``<reasoning>`` section, then one non-empty ``<answer>``, and nothing else.
-
-    ``truncated`` says generation hit the token limit before ``<end_of_turn>``: such an output
-    fails as ``truncated`` whatever it holds, because the model never chose to stop. A trailing
-    ``<end_of_turn>`` is ignored. Failure reasons, checked in this order: per section
-    ``missing_*``, ``duplicate_tags``, ``unopened_*`` (closing tag only), ``unclosed_*``;
-    then ``wrong_order`` (a closing tag before its opening tag, or the answer before the
-    reasoning), ``nested_tags`` (overlapping sections), ``text_outside_tags``, ``empty_*``.
-    """
-    text = text.strip().removesuffix(END_OF_TURN)
-    tags: dict[str, list[re.Match]] = {}
-    for match in TAG_RE.finditer(text):
-        tags.setdefault(match.group(), []).append(match)
-    reasoning, answer = _section(text, tags, "reasoning"), _section(text, tags, "answer")
-    reason = "truncated" if truncated else _first_problem(text, tags, reasoning, answer)
-    return FormatCheck(reason is None, reason, reasoning, answer)
-
-
-def _section(text: str, tags: dict[str, list[re.Match]], name: str) -> str | None:
-    """The stripped text between the single opening and closing tag of ``name``, if they are in order."""
-    opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
-    if len(opens) != 1 or len(closes) != 1 or closes[0].start() < opens[0].end():
-        return None
-    return text[opens[0].end():closes[0].start()].strip()
-
-
-def _first_problem(text: str, tags: dict[str, list[re.Match]], reasoning: str | None, answer: str | None
-                   ) -> str | None:
-    """The first failure reason of check_format's list, or None for a well-formed completion."""
-    for name in ("reasoning", "answer"):
-        opens, closes = tags.get(f"<{name}>", []), tags.get(f"</{name}>", [])
-        if not opens and not closes:
-            return f"missing_{name}"
-        if len(opens) > 1 or len(closes) > 1:
-            return "duplicate_tags"
-        if not opens:
-            return f"unopened_{name}"
-        if not closes:
-            return f"unclosed_{name}"
-    r_open, r_close, a_open, a_close = (tags[t][0] for t in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"))
-    if r_close.start() < r_open.start() or a_close.start() < a_open.start() or a_close.start() < r_open.start():
-        return "wrong_order"
-    if a_open.start() < r_close.start():
-        return "nested_tags"
-    if (text[:r_open.start()] + text[r_close.end():a_open.start()] + text[a_close.end():]).strip():
-        return "text_outside_tags"
-    if not reasoning:
-        return "empty_reasoning"
-    if not answer:
-        return "empty_answer"
-    return None
 
 
 # ----------------------------------------------------------------------------- 3. tokenizer

@@ -38,9 +38,11 @@ if __name__ == "__main__":  # settings and paths first: a bad one stops in about
 
 import jax
 import numpy as np
+import sentencepiece as spm
 from matplotlib.figure import Figure
 
 import data_prep
+from chat_format import check_format
 from model import build_model, check_same_tokenizer, checkpoint_step, evaluate_loss, generate, make_mesh, restore_lora
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
@@ -81,6 +83,16 @@ def eval_prompts(cfg: Config, data_dir: Path) -> list[dict]:
     if not prompts:
         raise ConfigError(f"{path} holds no prompts: pass --prompts FILE or raise --data.eval_rows")
     return prompts[:cfg.eval.num_prompts or None]
+
+
+def checked(record: dict, tokenizer: spm.SentencePieceProcessor) -> dict:
+    """A generation record with its format check: the sections, whether it passes (else why) and their lengths in
+    tokens."""
+    check = check_format(record["output"], record["truncated"])
+    return {**record, "reasoning": check.reasoning, "answer": check.answer, "format_ok": check.ok,
+            "reason": check.reason,
+            "reasoning_tokens": None if check.reasoning is None else len(tokenizer.encode(check.reasoning)),
+            "answer_tokens": None if check.answer is None else len(tokenizer.encode(check.answer))}
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +297,7 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
                 del model  # free the tuned weights before loading the base ones
                 model = build_model(cfg, mesh, with_lora=False)
             if not loss_only:
-                records += generate(model, tokenizer, prompts, ecfg, name)
+                records += [checked(r, tokenizer) for r in generate(model, tokenizer, prompts, ecfg, name)]
             losses[name] = evaluate_loss(model, batches, cfg.model.loss_chunk)
     meta = {"run": str(run_dir), "step": step, "preset": cfg.preset, "prompts": len(prompts),
             "decoding": "none (--loss-only)" if loss_only else _decoding(ecfg, cfg.eval.max_new_tokens == 0),

@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 from tunix.models.gemma import model as gemma_lib
 
 import data_prep
+from chat_format import END_OF_TURN, GEMMA_CHAT_TEMPLATE
 from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
 
 # Gemma derivatives are published under the Gemma terms.
@@ -158,13 +159,13 @@ def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
     (out_dir / "config.json").write_text(json.dumps(hf_config(mc, cfg.model.dtype, ids), indent=2) + "\n")
     # Greedy by default, as declared for the hackathon; a turn ends at <end_of_turn>.
     generation = {"bos_token_id": ids["bos"], "pad_token_id": ids["pad"], "do_sample": False,
-                  "eos_token_id": [ids["eos"], sp.piece_to_id(data_prep.END_OF_TURN)]}
+                  "eos_token_id": [ids["eos"], sp.piece_to_id(END_OF_TURN)]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
     # The tokenizer's own piece names (<bos>, <eos>, ... in Gemma's), so the template's text maps to their ids.
     special = {f"{name}_token": sp.id_to_piece(i) for name, i in {**ids, "unk": sp.unk_id()}.items()}
     tokenizer_config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                        "model_max_length": 8192, "chat_template": data_prep.GEMMA_CHAT_TEMPLATE,
+                        "model_max_length": 8192, "chat_template": GEMMA_CHAT_TEMPLATE,
                         "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"], **special}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

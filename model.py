@@ -36,7 +36,7 @@ from tunix.generate.utils import next_power_of_2
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
-import data_prep
+from chat_format import END_OF_TURN, build_prompt
 from config import (
     CHECKPOINT_SUBDIR,
     Config,
@@ -348,7 +348,7 @@ def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]],
 
 def padded_prompt_length(tokenizer: spm.SentencePieceProcessor, prompts: list[dict]) -> int:
     """One padded prompt length for every batch of these prompts, so a sampler compiles once (+1: the <bos>)."""
-    return next_power_of_2(max(len(tokenizer.encode(data_prep.build_prompt(p["prompt"]))) for p in prompts) + 1)
+    return next_power_of_2(max(len(tokenizer.encode(build_prompt(p["prompt"]))) for p in prompts) + 1)
 
 
 # Tunix's Sampler masks forbidden ids as a static tuple of Python ints (one pytree leaf each): fine for the 128
@@ -380,16 +380,17 @@ def build_sampler(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prom
 
 def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: list[dict], ecfg: EvalConfig,
              name: str, sampler: Sampler | None = None, show_progress: bool = True) -> list[dict]:
-    """Generates a completion per prompt in batches and checks and measures each (one record per sample).
+    """Generates a completion per prompt in batches: one record per sample with its output, its length, whether it
+    hit the budget, and its batch's speed (evaluation and the training probe check the format themselves).
 
     ``sampler`` (from build_sampler, with room for these prompts and ``ecfg.max_new_tokens``) is reused instead of
     building one, so repeated calls compile nothing new.
     """
-    texts = [data_prep.build_prompt(p["prompt"]) for p in prompts]
+    texts = [build_prompt(p["prompt"]) for p in prompts]
     prompt_len = padded_prompt_length(tokenizer, prompts)
     batch_size = min(ecfg.batch_size, len(texts))
     sampler = sampler or build_sampler(model, tokenizer, prompt_len, ecfg.max_new_tokens)
-    stop_ids = [tokenizer.piece_to_id(data_prep.END_OF_TURN), tokenizer.eos_id()]
+    stop_ids = [tokenizer.piece_to_id(END_OF_TURN), tokenizer.eos_id()]
     # Temperature 0 is the sampler's greedy mode; it takes top_p/top_k only for sampling.
     sampling = {} if ecfg.temperature <= 0 else dict(
         temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k, seed=ecfg.seed)
@@ -405,16 +406,9 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
         # The sampler cuts each output before its first stop token: a full-length output never stopped.
         lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
         for prompt, text, length in zip(prompts[start:start + batch_size], out.text, lengths, strict=False):
-            truncated = length >= ecfg.max_new_tokens
-            check = data_prep.check_format(text, truncated)
-            records.append({
-                "model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
-                "reasoning": check.reasoning, "answer": check.answer, "format_ok": check.ok, "reason": check.reason,
-                "reasoning_tokens": None if check.reasoning is None else len(tokenizer.encode(check.reasoning)),
-                "answer_tokens": None if check.answer is None else len(tokenizer.encode(check.answer)),
-                "truncated": truncated, "generated_tokens": length,
-                "batch": batch, "tokens_per_s": sum(lengths) / seconds,
-            })
+            records.append({"model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
+                            "truncated": length >= ecfg.max_new_tokens, "generated_tokens": length,
+                            "batch": batch, "tokens_per_s": sum(lengths) / seconds})
     return records
 
 
@@ -604,7 +598,7 @@ def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
     """A LoRA trained on other token ids is silently meaningless: refuse it."""
     path = run_dir / "config.json"
     theirs = json.loads(path.read_text()).get("data_manifest", {}) if path.exists() else {}
-    ours = data_prep.read_manifest(data_dir)
+    ours = json.loads((Path(data_dir) / "manifest.json").read_text())  # data_dir is prepared by now
     if theirs.get("tokenizer_sha256", ours["tokenizer_sha256"]) != ours["tokenizer_sha256"]:
         raise ConfigError(f"run {run_dir} was trained with tokenizer {theirs['tokenizer']} "
                           f"(sha256 {theirs['tokenizer_sha256'][:12]}) but {data_dir} uses {ours['tokenizer']} "

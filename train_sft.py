@@ -44,6 +44,7 @@ from jax.experimental.compilation_cache import compilation_cache as compilation_
 from tunix.sft import hooks, metrics_logger, peft_trainer
 
 import data_prep
+from chat_format import check_format
 from model import (
     CHECKPOINT_SUBDIR,
     build_model,
@@ -423,13 +424,14 @@ class FormatProbe:
         records = generate(self.model, self.tokenizer, self.prompts, self.ecfg, "train", sampler=self.sampler,
                            show_progress=False)
         self.last_step, self.last_seconds = step, monitor.clock() - began
-        metrics = {"format_compliance": statistics.fmean(r["format_ok"] for r in records),
+        well_formed = [check_format(r["output"], r["truncated"]).ok for r in records]
+        metrics = {"format_compliance": statistics.fmean(well_formed),
                    "truncation_rate": statistics.fmean(r["truncated"] for r in records),
                    "generated_tokens_mean": statistics.fmean(r["generated_tokens"] for r in records)}
         for name, value in metrics.items():
             train_ctx.metrics_logger.log("", name, value, "eval", step)
         monitor.write({"step": step, "loss": None, **metrics, "generate_s": self.last_seconds})
-        print(f"step {step}: {sum(r['format_ok'] for r in records)}/{len(records)} held-out generations well-formed, "
+        print(f"step {step}: {sum(well_formed)}/{len(records)} held-out generations well-formed, "
               f"{sum(r['truncated'] for r in records)} truncated, {metrics['generated_tokens_mean']:.0f} tokens "
               f"on average ({self.last_seconds:.1f} s)")
         return self.last_seconds

@@ -32,7 +32,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data_prep  # noqa: E402
+import chat_format  # noqa: E402
 from assets import make_sample  # noqa: E402
 
 # (percentile, response characters): published points, then the assumed ends of the distribution.
@@ -107,7 +107,7 @@ def synthetic_rows(n: int, seed: int = 0, max_len: int = REFERENCE_MAX_LEN,
     ratio = max_len / REFERENCE_MAX_LEN
     cpt = chars_per_token(sp)
     # Tokens of BOS + the templated empty prompt + the tags + <end_of_turn> under sp, which are not scaled.
-    fixed = GEMMA_FIXED_TOKENS if sp is None else 2 + len(sp.encode(data_prep.build_prompt(""))) + len(
+    fixed = GEMMA_FIXED_TOKENS if sp is None else 2 + len(sp.encode(chat_format.build_prompt(""))) + len(
         sp.encode("<reasoning></reasoning>\n<answer></answer>"))
     rng = random.Random(seed)
     lines = []

@@ -16,8 +16,8 @@
 #
 # Google Tunix Hack submission. Gemma2-2B-it is fine-tuned with LoRA on reasoning traces so that
 # it answers every prompt as `<reasoning>...</reasoning><answer>...</answer>`. The pipeline lives in
-# the repository's modules (`data_prep.py`, `model.py`, `train_sft.py`, `eval_samples.py`, `export.py`); this
-# notebook only configures and calls them, top to bottom:
+# the repository's modules (`chat_format.py`, `data_prep.py`, `model.py`, `train_sft.py`, `eval_samples.py`,
+# `export.py`); this notebook only configures and calls them, top to bottom:
 #
 # 1. install and configure, 2. build the dataset, 3. fine-tune with Tunix, 4. generate and check
 # samples, 5. export the merged model for Tunix, 6. the unrestricted-mode model id.

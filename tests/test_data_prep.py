@@ -8,26 +8,16 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
+import chat_format
 import config
 import data_prep
 from assets import glaive_lengths
-
-# Gemma-2-2b-it's chat_template, copied here independently of data_prep.GEMMA_CHAT_TEMPLATE.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
 
 # The shipped sample: rows in the file, rows that pass the rewrite, rows within cpu-tiny's max_len 512.
 SAMPLE_READ, SAMPLE_USABLE, SAMPLE_KEPT = 323, 300, 286
@@ -46,7 +36,7 @@ def sp() -> spm.SentencePieceProcessor:
 def sample_rows(n: int, max_chars: int = 10**9) -> list[dict]:
     """The first n usable rows of the shipped sample (no longer than max_chars)."""
     rows = (r for r in data_prep.read_jsonl(config.SAMPLE_PATH, 0, 0) if isinstance(r, dict))
-    usable = (r for r in rows if isinstance(data_prep.check_fields(r), tuple) and data_prep.rewrite_response(
+    usable = (r for r in rows if isinstance(data_prep.check_fields(r), tuple) and chat_format.rewrite_response(
         r["response"]) and len(r["prompt"] + r["response"]) <= max_chars)
     return [next(usable) for _ in range(n)]
 
@@ -54,60 +44,6 @@ def sample_rows(n: int, max_chars: int = 10**9) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict | bytes]) -> Path:
     path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
     return path
-
-
-# ----------------------------------------------------------------------------- rewrite
-
-@pytest.mark.parametrize("response, expected", [
-    ("<think>\nR\n</think>\n\nA", "<reasoning>R</reasoning>\n<answer>A</answer>"),
-    ("  \n<think> step 1\r\nstep 2 </think>  x  =  1\r\n",
-     "<reasoning>step 1\r\nstep 2</reasoning>\n<answer>x  =  1</answer>"),
-    ("<think>a < b</think>\n\n```\ncode\n```", "<reasoning>a < b</reasoning>\n<answer>```\ncode\n```</answer>"),
-    ("\u200b<THINK>R</Think>A", "<reasoning>R</reasoning>\n<answer>A</answer>"),  # tags in any case
-])
-def test_rewrite_keeps_inner_text_byte_for_byte(response: str, expected: str) -> None:
-    assert data_prep.rewrite_response(response) == expected
-
-
-@pytest.mark.parametrize("response, reason", [
-    ("just an answer", "no_think"),
-    ("<think>never closed, answer", "unclosed_think"),
-    ("<think>a</think>b<think>c</think>d", "multiple_think"),
-    ("<think>a</think>b<think>c", "multiple_think"),
-    ("Sure! <think>a</think>b", "text_before_think"),
-    ("</think><think>a</think>b", "text_before_think"),
-    ("<think>a</think>  \n ", "empty_answer"),
-    ("<think> \n </think>b", "empty_reasoning"),
-    ("<think>a<think>b</think>c", "nested_tags"),
-    *[(f"<think>a {tag} b</think>answer", "nested_tags") for tag in ("<reasoning>", "</reasoning>", "<answer>",
-                                                                      "</answer>")],
-    *[(f"<think>a</think>answer {tag} b", "nested_tags") for tag in ("</think>", "<reasoning>", "</reasoning>",
-                                                                      "<answer>", "</answer>")],
-    # Tags count whatever their case, and text of only invisible characters is empty.
-    ("Sure! <THINK>a</THINK>b", "text_before_think"),
-    ("<Think>a</think>b<THINK>c</THINK>d", "multiple_think"),
-    ("<think>a</think>answer </ANSWER>", "nested_tags"),
-    ("<think>a <Reasoning> b</think>answer", "nested_tags"),
-    ("<think>a</think> \u200b\u200b \ufeff\u2060", "empty_answer"),
-    ("<think>\u200c\u00ad</think>b", "empty_reasoning"),
-])
-def test_rewrite_drops_with_named_reason(response: str, reason: str) -> None:
-    assert data_prep.rewrite_with_reason(response) == (None, reason)
-    assert data_prep.rewrite_response(response) is None
-
-
-# ----------------------------------------------------------------------------- prompt
-
-def test_prompt_matches_gemma_template_rendered_independently() -> None:
-    question = "  Why is the sky blue?\nExplain briefly.  "
-    messages = [{"role": "user", "content": f"{data_prep.INSTRUCTION}\n\n{question}"}]
-    rendered = jinja2.Environment().from_string(GEMMA_TEMPLATE).render(
-        messages=messages, bos_token="<bos>", add_generation_prompt=True)
-    assert rendered == "<bos>" + data_prep.build_prompt(question)
-    assert data_prep.build_prompt(question) == (
-        f"<start_of_turn>user\n{data_prep.INSTRUCTION}\n\n  Why is the sky blue?\nExplain briefly.<end_of_turn>\n"
-        "<start_of_turn>model\n")
-    assert "<reasoning>" in data_prep.INSTRUCTION and "<answer>" in data_prep.INSTRUCTION
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -161,7 +97,7 @@ def test_an_uploaded_export_loads_by_its_own_handle(tmp_path: Path, monkeypatch:
 # ----------------------------------------------------------------------------- tokenize
 
 def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor) -> None:
-    prompt = data_prep.build_prompt("What is 2 + 3?")
+    prompt = chat_format.build_prompt("What is 2 + 3?")
     completion = "<reasoning>2 + 3 = 5</reasoning>\n<answer>5</answer>"
     tokens, loss_mask = data_prep.tokenize_example(sp, prompt, completion, max_len=512)
     n_prompt = 1 + len(sp.encode(prompt))
@@ -174,7 +110,7 @@ def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor)
 
 
 def test_rows_over_max_len_are_dropped_not_truncated(sp: spm.SentencePieceProcessor) -> None:
-    prompt, completion = data_prep.build_prompt("q"), "<reasoning>r</reasoning>\n<answer>a</answer>"
+    prompt, completion = chat_format.build_prompt("q"), "<reasoning>r</reasoning>\n<answer>a</answer>"
     n = len(data_prep.tokenize_example(sp, prompt, completion, max_len=10_000)[0])
     assert len(data_prep.tokenize_example(sp, prompt, completion, max_len=n)[0]) == n
     assert data_prep.tokenize_example(sp, prompt, completion, max_len=n - 1) is None
@@ -211,7 +147,7 @@ def test_the_byte_bound_never_drops_a_row_that_could_fit(sp: spm.SentencePiecePr
     """No text has more bytes than its tokens times the bound: not the sample, not runs of the longest piece."""
     bound = data_prep.bytes_per_token_bound(sp)
     assert bound == 33  # the tiny tokenizer's longest piece: 11 spaces, each stored as a 3-byte "▁"
-    texts = [data_prep.build_prompt(r["prompt"]) + data_prep.rewrite_response(r["response"])
+    texts = [chat_format.build_prompt(r["prompt"]) + chat_format.rewrite_response(r["response"])
              for r in sample_rows(SAMPLE_USABLE)]
     texts += [" " * 11 * 1000, "▁" * 1000, "\U0001f642" * 1000, "<end_of_turn>" * 100]
     assert all(len(sp.encode(text)) * bound >= len(text.encode()) for text in texts)
@@ -219,8 +155,8 @@ def test_the_byte_bound_never_drops_a_row_that_could_fit(sp: spm.SentencePiecePr
 
 def test_length_filter_on_the_sample(tiny_data_dir: Path, sp: spm.SentencePieceProcessor) -> None:
     rows = sample_rows(SAMPLE_USABLE)
-    lengths = [len(data_prep.tokenize_example(sp, data_prep.build_prompt(r["prompt"]),
-                                              data_prep.rewrite_response(r["response"]), 10_000)[0]) for r in rows]
+    lengths = [len(data_prep.tokenize_example(sp, chat_format.build_prompt(r["prompt"]),
+                                              chat_format.rewrite_response(r["response"]), 10_000)[0]) for r in rows]
     stats = json.loads((tiny_data_dir / "stats.json").read_text())
     assert stats["dropped_by_reason"]["too_long"] == sum(n > 512 for n in lengths) > 0
     row_offsets = np.load(tiny_data_dir / "train_row_offsets.npy")
@@ -278,7 +214,7 @@ def test_every_row_appears_once_per_epoch_reshuffled(tiny_data_dir: Path, sp: sp
     epochs = [windows[:n_windows], windows[n_windows:2 * n_windows]]
     # Rows independently tokenized from the sample: every kept training row once per epoch.
     kept = [e for r in sample_rows(SAMPLE_USABLE) if (e := data_prep.tokenize_example(
-        sp, data_prep.build_prompt(r["prompt"]), data_prep.rewrite_response(r["response"]), 512)) is not None]
+        sp, chat_format.build_prompt(r["prompt"]), chat_format.rewrite_response(r["response"]), 512)) is not None]
     expected = Counter(tuple(tokens.tolist()) for tokens, _ in kept[:-HELD_OUT])
     for epoch in epochs:
         assert Counter(row for w in epoch for row in segments(w)) == expected
@@ -327,8 +263,8 @@ def test_eval_prompts_are_the_held_out_rows(tiny_data_dir: Path) -> None:
     held_out = [json.loads(line) for line in (tiny_data_dir / "eval_prompts.jsonl").read_text().splitlines()]
     kept = [r for r in sample_rows(SAMPLE_USABLE) if len(data_prep.tokenize_example(
         spm.SentencePieceProcessor(model_file=str(config.TINY_TOKENIZER_PATH)),
-        data_prep.build_prompt(r["prompt"]), data_prep.rewrite_response(r["response"]), 10_000)[0]) <= 512]
-    assert held_out == [{"prompt": r["prompt"], "reference": data_prep.rewrite_response(r["response"])}
+        chat_format.build_prompt(r["prompt"]), chat_format.rewrite_response(r["response"]), 10_000)[0]) <= 512]
+    assert held_out == [{"prompt": r["prompt"], "reference": chat_format.rewrite_response(r["response"])}
                         for r in kept[-HELD_OUT:]]
 
 
@@ -387,8 +323,9 @@ def test_num_rows_counts_kept_training_rows_and_stops_reading(tmp_path: Path, ca
     for record in data_prep.read_jsonl(config.SAMPLE_PATH, 0, 0):
         rows_read += 1
         fields = data_prep.check_fields(record)
-        completion = data_prep.rewrite_response(fields[1]) if isinstance(fields, tuple) else None
-        kept += bool(completion and data_prep.tokenize_example(sp, data_prep.build_prompt(fields[0]), completion, 512))
+        completion = chat_format.rewrite_response(fields[1]) if isinstance(fields, tuple) else None
+        kept += bool(completion and data_prep.tokenize_example(sp, chat_format.build_prompt(fields[0]), completion,
+                                                               512))
         if kept == 50:
             break
     assert stats["source_rows"] == [0, rows_read] and stats["rows_read"] == rows_read

@@ -1,4 +1,4 @@
-"""eval_samples: the format check, prompt files, the report from hand-made records, and generation with a tiny model."""
+"""eval_samples: prompt files, the report from hand-made records, and generation with a tiny model."""
 
 import json
 
@@ -8,47 +8,11 @@ import pytest
 
 import data_prep
 import eval_samples
+from chat_format import check_format
 from config import ConfigError, get_config
-from data_prep import check_format
 from model import build_model, generate, latest_step, make_mesh
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
-
-
-def test_well_formed_output_parses_into_stripped_sections():
-    check = check_format(f"  \n{GOOD}\n<end_of_turn>")
-    assert check == (True, None, "Two and two make four.", "4")
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("<answer>4</answer>", "missing_reasoning"),
-    ("<reasoning>think</reasoning>", "missing_answer"),
-    ("<reasoning>think", "unclosed_reasoning"),
-    ("<reasoning>think</reasoning><answer>4", "unclosed_answer"),
-    ("think</reasoning><answer>4</answer>", "unopened_reasoning"),
-    ("<reasoning>think</reasoning>4</answer>", "unopened_answer"),
-    ("<reasoning> \n</reasoning><answer>4</answer>", "empty_reasoning"),
-    ("<reasoning>think</reasoning><answer> </answer>", "empty_answer"),
-    ("Sure! " + GOOD, "text_outside_tags"),
-    ("<reasoning>think</reasoning> so <answer>4</answer>", "text_outside_tags"),
-    (GOOD + " Hope this helps.", "text_outside_tags"),
-    ("<reasoning>think <answer>4</answer></reasoning>", "nested_tags"),
-    ("<answer>a <reasoning>think</reasoning></answer>", "nested_tags"),
-    ("<reasoning>a<answer>b</reasoning>c</answer>", "nested_tags"),
-    ("<reasoning>a</reasoning><reasoning>b</reasoning><answer>4</answer>", "duplicate_tags"),
-    (GOOD + "<answer>5</answer>", "duplicate_tags"),
-    ("<answer>4</answer><reasoning>think</reasoning>", "wrong_order"),
-    ("</reasoning>think<reasoning><answer>4</answer>", "wrong_order"),
-])
-def test_malformed_output_names_its_problem(text, reason):
-    check = check_format(text)
-    assert (check.ok, check.reason) == (False, reason)
-
-
-def test_truncated_output_fails_as_truncated_but_keeps_what_parsed():
-    check = check_format(GOOD, truncated=True)
-    assert (check.ok, check.reason, check.answer) == (False, "truncated", "4")
-    assert check_format("<reasoning>and then", truncated=True).reason == "truncated"
 
 
 def test_prompt_files_jsonl_and_text(tmp_path):
@@ -162,6 +126,20 @@ def test_loss_only_report_has_losses_and_no_samples(tmp_path):
     assert not (tmp_path / "lengths.png").exists()
 
 
+def test_a_generation_is_checked_and_its_sections_measured_in_tokens():
+    tokenizer = data_prep.load_tokenizer(get_config("cpu-tiny").model)
+    sample = {"model": "tuned", "domain": "math", "prompt": "2 + 2?", "truncated": False, "generated_tokens": 20,
+              "batch": 0, "tokens_per_s": 10.0}
+    good = eval_samples.checked(sample | {"output": GOOD + "<end_of_turn>"}, tokenizer)
+    assert good == sample | {"output": GOOD + "<end_of_turn>", "reasoning": "Two and two make four.", "answer": "4",
+                             "format_ok": True, "reason": None, "reasoning_tokens": good["reasoning_tokens"],
+                             "answer_tokens": 1}
+    assert good["reasoning_tokens"] == len(tokenizer.encode("Two and two make four.")) > 1
+    cut = eval_samples.checked(sample | {"output": "<reasoning>two and", "truncated": True}, tokenizer)
+    assert (cut["format_ok"], cut["reason"], cut["reasoning"], cut["reasoning_tokens"]) == (False, "truncated", None,
+                                                                                           None)
+
+
 def test_generate_with_the_tiny_model():
     cfg = get_config("cpu-tiny", {"eval.max_new_tokens": "16", "eval.batch_size": "2"})
     tokenizer = data_prep.load_tokenizer(cfg.model)
@@ -174,7 +152,8 @@ def test_generate_with_the_tiny_model():
     for r in records:
         assert 0 < r["generated_tokens"] <= 16 and r["truncated"] == (r["generated_tokens"] == 16)
         assert r["tokens_per_s"] > 0 and isinstance(r["output"], str)
-        assert check_format(r["output"], r["truncated"]) == (r["format_ok"], r["reason"], r["reasoning"], r["answer"])
+        assert set(r) == {"model", "domain", "prompt", "output", "truncated", "generated_tokens", "batch",
+                          "tokens_per_s"}  # generation only: evaluation checks the format (checked)
 
 
 def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):

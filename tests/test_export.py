@@ -14,6 +14,7 @@ from flax import nnx
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
+import chat_format
 import config
 import data_prep
 import export
@@ -108,8 +109,8 @@ def test_hf_export_matches_in_transformers(tiny_run_dir: Path, restored: dict, t
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], tokenize=False,
                                          add_generation_prompt=True)
     sp = data_prep.load_tokenizer(config.get_config("cpu-tiny").model)
-    assert text == tokenizer.bos_token + data_prep.build_prompt("Why is the sky blue?").replace(
-        f"{data_prep.INSTRUCTION}\n\n", "")
+    assert text == tokenizer.bos_token + chat_format.build_prompt("Why is the sky blue?").replace(
+        f"{chat_format.INSTRUCTION}\n\n", "")
     assert tokenizer(text, add_special_tokens=False).input_ids == [sp.bos_id(), *sp.encode(text.removeprefix(
         tokenizer.bos_token))]
 
