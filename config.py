@@ -75,40 +75,6 @@ class ModelConfig:
     init_seed: int = 0
 
 
-# ----------------------------------------------------------------------------- where the weights live
-
-
-def checkpoint_folder_names(model_cfg: ModelConfig) -> list[str]:
-    """Names the orbax params folder of a Kaggle Flax download may have: the handle's variation (handles read
-    owner/model/framework/variation, as Google's uploads are laid out), or gemma2-2b-it (this project's
-    exports, whatever variation they are uploaded as). Exports are written under the first name."""
-    return list(dict.fromkeys([model_cfg.kaggle_handle.rstrip("/").split("/")[3], "gemma2-2b-it"]))
-
-
-def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
-    """The Kaggle Flax download (or its local copy): the only network call of the pipeline."""
-    if model_cfg.checkpoint_dir:
-        model_dir = Path(model_cfg.checkpoint_dir).expanduser()
-    else:
-        import kagglehub  # only here: the pipeline's one download
-
-        model_dir = Path(kagglehub.model_download(model_cfg.kaggle_handle))
-    folders = checkpoint_folder_names(model_cfg)
-    missing = [name for name in ("tokenizer.model",) if not (model_dir / name).exists()]
-    if not any((model_dir / name).is_dir() for name in folders):
-        missing.append(" or ".join(f"{name}/" for name in folders))
-    if missing:
-        raise ConfigError(f"{model_dir} lacks {' and '.join(missing)}: set --model.checkpoint_dir to the "
-                          f"Kaggle Flax download of {model_cfg.kaggle_handle}")
-    return model_dir
-
-
-def kaggle_checkpoint_dir(model_cfg: ModelConfig) -> Path:
-    """The orbax params folder inside the Kaggle Flax download."""
-    model_dir = kaggle_model_dir(model_cfg)
-    return next(model_dir / name for name in checkpoint_folder_names(model_cfg) if (model_dir / name).is_dir())
-
-
 @dataclass
 class LoraConfig:
     rank: int = 64

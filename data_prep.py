@@ -45,7 +45,8 @@ from chat_format import (
     rewrite_response,
     rewrite_with_reason,
 )
-from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, kaggle_model_dir, local_source
+from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, local_source
+from kaggle_weights import kaggle_model_dir
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
     config_from_argv(None, "data_prep", __doc__)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import EXPORT_FORMATS, Config, ConfigError, checkpoint_folder_names, config_from_argv
+from config import EXPORT_FORMATS, Config, ConfigError, config_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
     config_from_argv(None, "export", __doc__)
@@ -33,6 +33,7 @@ from tunix.models.gemma import model as gemma_lib
 
 import data_prep
 from chat_format import END_OF_TURN, GEMMA_CHAT_TEMPLATE
+from kaggle_weights import checkpoint_folder_names
 from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
 
 # Gemma derivatives are published under the Gemma terms.

@@ -44,8 +44,8 @@ from config import (
     EvalConfig,
     ModelConfig,
     existing_run_dir,
-    kaggle_checkpoint_dir,
 )
+from kaggle_weights import kaggle_checkpoint_dir
 
 # The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
 CHECKPOINT_ITEMS = ("model_params", "optimizer_state")

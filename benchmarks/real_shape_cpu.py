@@ -44,6 +44,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 
 import config  # noqa: E402
+import kaggle_weights  # noqa: E402
 
 RESULTS_PATH = REPO_DIR / "benchmarks" / "results_real_shape_cpu.md"
 # A few token ids (all below the tiny tokenizer's 2048 pieces) whose logits the exports must reproduce.
@@ -103,7 +104,7 @@ def write_checkpoint(args: argparse.Namespace) -> str:
     _, abstract_state = nnx.split(model.abstract_model(cfg.model))
     state = model.random_tiny_state(abstract_state, seed=0, embed_dim=2304, dtype=ml_dtypes.bfloat16)
     params = {path: v.get_value() for path, v in state.flat_state()}
-    folder = download / config.checkpoint_folder_names(cfg.model)[0]
+    folder = download / kaggle_weights.checkpoint_folder_names(cfg.model)[0]
     export.save_kaggle_checkpoint(params, folder)
     write_gemma_sized_tokenizer(download / "tokenizer.model")
     gating = params[("layers", 0, "mlp", "gate_proj", "kernel")].shape
@@ -223,14 +224,14 @@ def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
 
 def load_download(args: argparse.Namespace) -> str:
     """The judges' loader on the written download: it must read the layout as our conversion does."""
-    folder = Path(args.work) / "download" / config.checkpoint_folder_names(cfg_of(args).model)[0]
+    folder = Path(args.work) / "download" / kaggle_weights.checkpoint_folder_names(cfg_of(args).model)[0]
     return compare("download via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
                    Path(args.work), reference="converted")
 
 
 def load_orbax(args: argparse.Namespace) -> str:
     """The orbax export loaded exactly as the judges load it."""
-    folder = Path(args.work) / "export-orbax" / config.checkpoint_folder_names(cfg_of(args).model)[0]
+    folder = Path(args.work) / "export-orbax" / kaggle_weights.checkpoint_folder_names(cfg_of(args).model)[0]
     return compare("orbax export via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
                    Path(args.work))
 

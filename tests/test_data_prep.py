@@ -68,32 +68,6 @@ def test_load_tokenizer_rejects_a_missing_file(tmp_path: Path) -> None:
         data_prep.load_tokenizer(config.ModelConfig(tokenizer_path=str(tmp_path / "none.model")))
 
 
-def test_kaggle_model_dir_uses_the_download_and_checks_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kagglehub.model_download", lambda handle: str(tmp_path))
-    model_cfg = config.ModelConfig()
-    with pytest.raises(config.ConfigError, match="lacks tokenizer.model and gemma2-2b-it/"):
-        config.kaggle_model_dir(model_cfg)
-    (tmp_path / "gemma2-2b-it").mkdir()
-    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
-    assert config.kaggle_model_dir(model_cfg) == tmp_path
-    assert data_prep.tokenizer_file(model_cfg) == tmp_path / "tokenizer.model"
-    assert data_prep.load_tokenizer(model_cfg).piece_to_id("<end_of_turn>") == 107
-    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
-
-
-def test_an_uploaded_export_loads_by_its_own_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exports keep the gemma2-2b-it folder whatever variation they are published as."""
-    monkeypatch.setattr("kagglehub.model_download", lambda handle: str(tmp_path))
-    model_cfg = config.ModelConfig(kaggle_handle="someone/gemma2-2b-tunix-reasoning/jax/unrestricted/2")
-    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
-    with pytest.raises(config.ConfigError, match="lacks unrestricted/ or gemma2-2b-it/"):
-        config.kaggle_model_dir(model_cfg)
-    (tmp_path / "gemma2-2b-it").mkdir()
-    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
-    (tmp_path / "unrestricted").mkdir()
-    assert config.kaggle_checkpoint_dir(model_cfg) == tmp_path / "unrestricted"
-
-
 # ----------------------------------------------------------------------------- tokenize
 
 def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor) -> None:

@@ -1,0 +1,39 @@
+"""Where Gemma's weights and tokenizer come from: a local copy (``--model.checkpoint_dir``) or the kagglehub
+download of ``--model.kaggle_handle``, a Kaggle Flax folder holding ``tokenizer.model`` and an orbax params folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config import ConfigError, ModelConfig
+
+
+def checkpoint_folder_names(model_cfg: ModelConfig) -> list[str]:
+    """Names the orbax params folder of a Kaggle Flax download may have: the handle's variation (handles read
+    owner/model/framework/variation, as Google's uploads are laid out), or gemma2-2b-it (this project's
+    exports, whatever variation they are uploaded as). Exports are written under the first name."""
+    return list(dict.fromkeys([model_cfg.kaggle_handle.rstrip("/").split("/")[3], "gemma2-2b-it"]))
+
+
+def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
+    """The Kaggle Flax download (or its local copy), checked to hold the tokenizer and a params folder."""
+    if model_cfg.checkpoint_dir:
+        model_dir = Path(model_cfg.checkpoint_dir).expanduser()
+    else:
+        import kagglehub  # only when the weights are not given locally
+
+        model_dir = Path(kagglehub.model_download(model_cfg.kaggle_handle))
+    folders = checkpoint_folder_names(model_cfg)
+    missing = [name for name in ("tokenizer.model",) if not (model_dir / name).exists()]
+    if not any((model_dir / name).is_dir() for name in folders):
+        missing.append(" or ".join(f"{name}/" for name in folders))
+    if missing:
+        raise ConfigError(f"{model_dir} lacks {' and '.join(missing)}: set --model.checkpoint_dir to the "
+                          f"Kaggle Flax download of {model_cfg.kaggle_handle}")
+    return model_dir
+
+
+def kaggle_checkpoint_dir(model_cfg: ModelConfig) -> Path:
+    """The orbax params folder inside the Kaggle Flax download."""
+    model_dir = kaggle_model_dir(model_cfg)
+    return next(model_dir / name for name in checkpoint_folder_names(model_cfg) if (model_dir / name).is_dir())
