@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +30,7 @@ TINY_TOKENIZER_PATH = ASSETS_DIR / "tiny_tokenizer.model"
 LORA_MODULES = ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
 # The sizes of Gemma2-2B that the settings are checked against (tunix ModelConfig.gemma2_2b()).
 GEMMA2_2B_SIZES = {"num_layers": 26, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4, "sliding_window": 4096}
-# Where train_sft.py keeps a run's orbax checkpoints, one folder per step.
-CHECKPOINT_SUBDIR = "checkpoints"
 EXPORT_FORMATS = ("orbax", "hf")
-# Local data sources: JSON lines or Parquet.
-SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class ConfigError(ValueError):
@@ -381,23 +374,14 @@ def stage_flags(stage: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, argparse.Namespace]:
-    """Parses a stage's command line (``--preset``, its own flags, every override) and runs its preflight;
-    exits with one line on error. ``args.overrides`` holds the overrides as given.
-
-    Needs only the standard library: each stage script calls it before its heavy imports, so that a bad
-    setting or path stops in about a second.
-    """
+def parse_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, argparse.Namespace]:
+    """A stage's settings from its command line (``--preset``, its own flags, every override), validated;
+    ``args.overrides`` holds the overrides as given. rundir.settings_from_argv adds the checks of paths."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0], parents=[stage_flags(stage)])
     parser.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
     args, rest = parser.parse_known_args(argv)
-    try:
-        args.overrides = parse_overrides(rest, stage)
-        cfg = get_config(args.preset, args.overrides)
-        preflight(cfg, stage, args)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    return cfg, args
+    args.overrides = parse_overrides(rest, stage)
+    return get_config(args.preset, args.overrides), args
 
 
 def model_sizes(m: ModelConfig) -> dict[str, int]:
@@ -472,142 +456,3 @@ def validate(cfg: Config) -> None:
 
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
-
-
-# ----------------------------------------------------------------------------- preflight: paths and saved runs
-
-
-def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
-    """What a stage reads must be readable, what it writes writable, and a saved LoRA it loads must fit the
-    settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
-    d, r = cfg.data, cfg.run
-    if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
-        if not (Path(d.out_dir) / "manifest.json").is_file():
-            raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
-                              f"`python data_prep.py --preset {cfg.preset} --data {d.out_dir}` first")
-    elif stage in ("data_prep", "train_sft", "eval_samples"):  # these prepare the data, or reuse a preparation
-        local_source(d)
-        if not (Path(d.out_dir).expanduser() / "manifest.json").is_file():
-            check_writable_dir(d.out_dir, "--data")
-    if stage == "train_sft":
-        check_writable_dir(r.out_dir, "--out")
-        out_dir = Path(r.out_dir).expanduser()
-        if out_dir.is_dir():  # an existing run is resumed: it must fit these settings
-            check_saved_run(out_dir, cfg, "--out")
-        if r.init_from and saved_lora_shape(out_dir) is None:  # a new run starts from init_from's LoRA
-            check_saved_run(r.init_from, cfg, "--init-from")
-    if stage in ("eval_samples", "export"):
-        check_saved_run(args.run, cfg, "--run", args.step)
-        check_writable_dir(args.out or Path(args.run) / "eval", "--out")
-    if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
-        raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
-
-
-def check_writable_dir(path: str | Path, flag: str) -> None:
-    """A directory a stage writes into: it, or the nearest folder above it that exists, must be writable."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory: pass a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing}): pass a writable "
-                          "directory")
-
-
-def local_source(data_cfg: DataConfig) -> Path | None:
-    """The local file ``--data.source`` names, checked to be a readable file; None for a Hugging Face dataset."""
-    path = Path(data_cfg.source).expanduser()
-    if path.suffix not in SOURCE_SUFFIXES and not path.exists():
-        return None
-    if path.is_dir():
-        raise ConfigError(f"source {path} is a directory, not a .jsonl/.parquet file: set --data.source to a file")
-    if not path.is_file():
-        raise ConfigError(f"source file {path} does not exist: set --data.source")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"source file {path} is not readable (no read permission): set --data.source")
-    if path.suffix == ".parquet" and not _has_parquet_markers(path):
-        raise ConfigError(f"source {path} is not a Parquet file (no PAR1 marker at its start and end): "
-                          "re-download it, or name a JSON-lines file .jsonl")
-    return path
-
-
-def _has_parquet_markers(path: Path) -> bool:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(max(0, size - 4))
-        return size >= 12 and head == b"PAR1" and f.read(4) == b"PAR1"
-
-
-def saved_lora_shape(run_dir: Path, step: int | None = None) -> tuple[Path, dict[str, int]] | None:
-    """The checkpoint folder at ``step`` (default: the newest whose metadata reads) of a run and the rank,
-    layers and width of its LoRA, read from orbax's JSON tree metadata without JAX; None if none reads."""
-    ckpt_dir = run_dir.expanduser() / CHECKPOINT_SUBDIR
-    steps = sorted((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), reverse=True) \
-        if ckpt_dir.is_dir() else []
-    for saved_step in steps if step is None else [step]:
-        step_dir = ckpt_dir / str(saved_step)
-        try:  # keys are paths such as ("layers", "0", "attn", "q_einsum", "w_lora_a", "value")
-            tree = json.loads((step_dir / "model_params" / "_METADATA").read_text())["tree_metadata"]
-            shapes = {tuple(k["key"] for k in v["key_metadata"]): v["value_metadata"]["write_shape"]
-                      for v in tree.values()}
-            ranks = {shape[-1] for key, shape in shapes.items() if key[-2].endswith("_lora_a")}
-            layers = {key[1] for key in shapes if key[0] == "layers"}
-            width = shapes[("layers", "0", "attn", "q_einsum", "w_lora_a", "value")][0]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue
-        if len(ranks) == 1:
-            return step_dir, {"rank": ranks.pop(), "num_layers": len(layers), "embed_dim": width}
-    return None
-
-
-# Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
-TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
-                    "head_dim")
-
-
-def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
-    """What a run's LoRA weights fit, from its config as a dict: the model (its name, or the tiny model's sizes)
-    and the LoRA's rank and target modules."""
-    model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
-    return {**{f"model.{k}": c["model"][k] for k in model_keys},
-            **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
-
-
-def existing_run_dir(run_dir: str | Path) -> Path:
-    """A run directory a stage reads: it must exist (one line naming the fix, if not)."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
-    return run_dir
-
-
-def check_saved_run(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
-    """A run directory a stage resumes, starts from or loads must exist and must have been trained for the model
-    and LoRA these settings build: by its config.json, or without one by its checkpoint's LoRA shapes. Standard
-    library only, so it stops a mismatch before JAX is imported; restoring checks tensor by tensor as well."""
-    run_dir = existing_run_dir(run_dir)
-    path = run_dir / "config.json"
-    if path.exists():
-        try:
-            theirs = _run_identity(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path} does not read as a run's config: restore it, or pass another {flag}") from None
-        ours = _run_identity(cfg.to_dict())
-        if diff := [k for k in ours if theirs.get(k) != ours[k]]:
-            raise ConfigError(f"{run_dir} was trained with " + ", ".join(f"--{k} {theirs.get(k)}" for k in diff)
-                              + " but this run has " + ", ".join(f"--{k} {ours[k]}" for k in diff)
-                              + f": use that run's settings, or pass another {flag}")
-        return
-    saved = saved_lora_shape(run_dir, step)
-    if saved is None:
-        return
-    step_dir, theirs = saved
-    ours = {"rank": cfg.lora.rank, **{k: model_sizes(cfg.model)[k] for k in ("num_layers", "embed_dim")}}
-    if theirs != ours:
-        raise ConfigError(f"checkpoint {step_dir} holds LoRA rank {theirs['rank']} on {theirs['num_layers']} "
-                          f"layers of width {theirs['embed_dim']}, but these settings build rank {ours['rank']} "
-                          f"on {ours['num_layers']} layers of width {ours['embed_dim']}: use that run's --preset, "
-                          f"--model.* and --lora.rank, or another {flag}")

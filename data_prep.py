@@ -45,11 +45,12 @@ from chat_format import (
     rewrite_response,
     rewrite_with_reason,
 )
-from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, local_source
+from config import Config, ConfigError, DataConfig, ModelConfig
 from kaggle_weights import kaggle_model_dir
+from rundir import local_source, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "data_prep", __doc__)
+    settings_from_argv(None, "data_prep", __doc__)
 
 import datasets
 import grain
@@ -660,7 +661,7 @@ def summary_line(data_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = config_from_argv(argv, "data_prep", __doc__)
+    cfg, _ = settings_from_argv(argv, "data_prep", __doc__)
     try:
         data_dir = prepare(cfg)
     except ConfigError as err:

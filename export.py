@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import EXPORT_FORMATS, Config, ConfigError, config_from_argv
+from config import EXPORT_FORMATS, Config, ConfigError
+from rundir import checkpoint_step, restore_lora, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "export", __doc__)
+    settings_from_argv(None, "export", __doc__)
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ from tunix.models.gemma import model as gemma_lib
 import data_prep
 from chat_format import END_OF_TURN, GEMMA_CHAT_TEMPLATE
 from kaggle_weights import checkpoint_folder_names
-from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
+from model import Params, build_model, gemma_config, make_mesh, merged_params
 
 # Gemma derivatives are published under the Gemma terms.
 LICENSE_NAME = "Gemma"
@@ -47,13 +48,13 @@ HF_VOCAB_SIZE = 256_000
 
 
 
-def load_merged(cfg: Config, run_dir: Path, step: int | None = None) -> tuple[Params, int]:
-    """Builds the base model and LoRA as training does, restores the run's LoRA and merges it."""
+def load_merged(cfg: Config, run_dir: Path, step: int) -> Params:
+    """Builds the base model and LoRA as training does, restores the run's LoRA at step and merges it."""
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = build_model(cfg, mesh)
-        step = restore_lora(model, run_dir, step)
-        return merged_params(model, cfg.lora.alpha, cfg.lora.rank), step
+        restore_lora(model, run_dir, step)
+        return merged_params(model, cfg.lora.alpha, cfg.lora.rank)
 
 
 # ----------------------------------------------------------------------------- Kaggle Flax (orbax) layout
@@ -209,8 +210,8 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
     """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(EXPORT_FORMATS)}")
-    step = checkpoint_step(run_dir, step)  # fail before any heavy work
-    params, step = load_merged(cfg, run_dir, step)
+    step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
+    params = load_merged(cfg, run_dir, step)
     if fmt == "orbax":
         where = write_orbax(params, cfg, out_dir)
         print(f"wrote {where} (Kaggle Flax layout) and {out_dir / 'tokenizer.model'}: load it with "
@@ -227,7 +228,7 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg, args = config_from_argv(argv, "export", __doc__)
+    cfg, args = settings_from_argv(argv, "export", __doc__)
     try:
         return export(cfg, Path(args.run), args.format, Path(args.out), args.step, args.upload)
     except ConfigError as err:

@@ -2,8 +2,8 @@
 
 config -> abstract Gemma2 (``nnx.eval_shape``) -> base weights restored straight into their shards
 (the Kaggle Flax checkpoint, converted once to an NNX cache, or random weights for the tiny model)
--> qwix LoRA -> the forward pass with a packed-row attention mask -> the loss -> FLOPs -> LoRA weights
-of a run directory (restore, compatibility checks) -> the LoRA merge that export writes.
+-> qwix LoRA -> the forward pass with a packed-row attention mask -> the loss -> generation -> FLOPs
+-> the LoRA merge that export writes (a run's LoRA weights are restored by ``rundir.restore_lora``).
 
 Training (``train_sft.py``), evaluation (``eval_samples.py``) and export (``export.py``) all get their
 model from here.
@@ -11,13 +11,11 @@ model from here.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,21 +36,13 @@ from tunix.models.gemma import params as gemma_params
 
 from chat_format import END_OF_TURN, build_prompt
 from config import (
-    CHECKPOINT_SUBDIR,
     Config,
     ConfigError,
     EvalConfig,
     ModelConfig,
-    existing_run_dir,
 )
 from kaggle_weights import kaggle_checkpoint_dir
 
-# The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
-CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
-RESUME_METADATA = ("data_iterator", "planned_steps")
-# The lock file of a run directory, and the runs this process holds (one writer per run).
-RUN_LOCK = "run.lock"
-_HELD_LOCKS: dict[Path, Any] = {}
 # Peak dense bf16 FLOP/s of one device, by the start of its jax device_kind (the longest match wins), for model
 # FLOPs utilisation. NVIDIA's kinds carry the memory and form factor ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB
 # HBM3"): the A100s all peak at 312e12; an H100 or H200 at 989e12 in SXM form, less as PCIe or NVL cards.
@@ -436,195 +426,6 @@ def peak_flops(cfg: Config) -> float | None:
     """Peak FLOP/s of all devices together: ``run.peak_flops_per_device`` if set, else looked up by device kind."""
     per_device = cfg.run.peak_flops_per_device or device_peak_flops(jax.devices()[0].device_kind)
     return per_device * jax.device_count() if per_device else None
-
-
-
-# ----------------------------------------------------------------------------- LoRA weights of a run directory
-
-
-def lock_run(run_dir: Path) -> None:
-    """One run directory, one writer: an OS lock on ``run_dir/run.lock`` that this process holds until
-    ``unlock_run`` or its death (the OS drops it even on SIGKILL, so a killed run never blocks its re-run).
-    A second process stops at once with one line naming the holder."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir in _HELD_LOCKS:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = _try_lock(run_dir)
-    if isinstance(handle, str):
-        raise ConfigError(f"{run_dir} is being trained by {handle}: wait for it to finish or stop it, "
-                          f"or pass another --out")
-    _HELD_LOCKS[run_dir] = handle
-
-
-def unlock_run(run_dir: Path) -> None:
-    handle = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
-    if handle is not None:
-        handle.close()
-
-
-def _try_lock(run_dir: Path) -> Any:
-    """The locked, holder-stamped lock file, or the holder's description when another process has it."""
-    handle = (run_dir / RUN_LOCK).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        return holder
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
-
-
-def _step_numbers(ckpt_dir: Path) -> list[int]:
-    """Step directories, newest first (set-aside ``<step>.damaged-*`` and orbax temporaries are not steps)."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
-
-
-def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
-    """A manager that only reads (its default options neither save nor clean anything up)."""
-    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers={
-        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
-
-
-# Checkpoints this process has read back whole, by (metadata path, its mtime): each is read once, not once per
-# caller (evaluation asks for its step, then restores it).
-_READ_BACK_WHOLE: set[tuple[Path, int]] = set()
-
-
-def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
-    """Why checkpoint ``step`` cannot be resumed from, or None when all of it reads back: its metadata with the
-    data position and step plan, and every array of the LoRA weights and the optimizer state."""
-    metadata_path = ckpt_dir / str(step) / "_CHECKPOINT_METADATA"
-    try:
-        read_back = (metadata_path, metadata_path.stat().st_mtime_ns)
-        if read_back in _READ_BACK_WHOLE:
-            return None
-        custom = json.loads(metadata_path.read_text())["custom_metadata"]
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        return f"its _CHECKPOINT_METADATA does not read ({type(err).__name__})"
-    if not isinstance(custom, dict) or any(key not in custom for key in RESUME_METADATA):
-        return "its _CHECKPOINT_METADATA lacks the data position and step plan"
-    try:
-        with _checkpoint_manager(ckpt_dir) as mgr:
-            saved = mgr.item_metadata(step)
-            mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[item], is_leaf=lambda x: hasattr(x, "shape")))
-                for item in CHECKPOINT_ITEMS}))
-    except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
-        return f"it does not read back: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
-    _READ_BACK_WHOLE.add(read_back)
-    return None
-
-
-def _set_aside(run_dir: Path, step: int, reason: str) -> None:
-    """Renames a damaged step directory out of the way (never deletes it), unless another process is writing
-    the run; either way says so in one line."""
-    run_dir = Path(run_dir)
-    step_dir = run_dir / CHECKPOINT_SUBDIR / str(step)
-    where = f"checkpoint {step_dir} cannot be restored ({reason})"
-    held = run_dir.resolve() in _HELD_LOCKS
-    handle = None if held else _try_lock(run_dir)
-    if isinstance(handle, str):
-        print(f"{where}: skipped; not set aside while {handle} trains into {run_dir}")
-        return
-    try:
-        target = step_dir.with_name(f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-        step_dir.rename(target)
-        print(f"{where}: set aside as {target}")
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def good_steps(run_dir: Path, newest_only: bool = True) -> list[int]:
-    """Checkpoint steps of a run that read back whole, newest first (only the newest by default). Damaged
-    ones met on the way are reported and set aside, so training, evaluation, export and --init-from all
-    resume from the newest good checkpoint."""
-    ckpt_dir, good = Path(run_dir) / CHECKPOINT_SUBDIR, []
-    for step in _step_numbers(ckpt_dir):
-        if (reason := checkpoint_problem(ckpt_dir, step)) is not None:
-            _set_aside(run_dir, step, reason)
-            continue
-        good.append(step)
-        if newest_only:
-            break
-    return good
-
-
-def latest_step(run_dir: Path) -> int | None:
-    """The newest checkpoint of a run that can be restored, or None."""
-    return next(iter(good_steps(run_dir)), None)
-
-
-def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
-    """The checkpoint step to load from a run directory (its newest good one by default), checked before any
-    model is built: a missing run, checkpoint or step stops with one line."""
-    run_dir = existing_run_dir(run_dir)
-    steps = good_steps(run_dir, newest_only=step is None)
-    if not steps:
-        raise ConfigError(f"no checkpoint that can be restored in {run_dir / CHECKPOINT_SUBDIR}: train first "
-                          f"with `python train_sft.py --out {run_dir}` or point at another run directory")
-    if step is not None and step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step} that can be restored: it has steps "
-                          f"{sorted(steps)}")
-    return steps[0] if step is None else step
-
-
-def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None) -> int:
-    """Loads the LoRA weights of another run directory into model; returns the step it loaded.
-
-    Stops with one line naming both sides when the checkpoint is missing or was trained for
-    another model size or LoRA rank.
-    """
-    run_dir = Path(run_dir)
-    step = checkpoint_step(run_dir, step)
-    target = nnx.state(model, nnx.LoRAParam)
-    with _checkpoint_manager(run_dir / CHECKPOINT_SUBDIR) as mgr:
-        saved = mgr.item_metadata(step)["model_params"]
-        _check_compatible(run_dir, saved, target)
-        restored = mgr.restore(step, args=ocp.args.Composite(model_params=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-    nnx.update(model, restored.model_params)
-    return step
-
-
-def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
-    """A LoRA trained on other token ids is silently meaningless: refuse it."""
-    path = run_dir / "config.json"
-    theirs = json.loads(path.read_text()).get("data_manifest", {}) if path.exists() else {}
-    ours = json.loads((Path(data_dir) / "manifest.json").read_text())  # data_dir is prepared by now
-    if theirs.get("tokenizer_sha256", ours["tokenizer_sha256"]) != ours["tokenizer_sha256"]:
-        raise ConfigError(f"run {run_dir} was trained with tokenizer {theirs['tokenizer']} "
-                          f"(sha256 {theirs['tokenizer_sha256'][:12]}) but {data_dir} uses {ours['tokenizer']} "
-                          f"(sha256 {ours['tokenizer_sha256'][:12]}): set --model.tokenizer_path to the run's")
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """``"layers/0/attn/q_einsum/w_lora_a" -> shape`` for a model state or a checkpoint's metadata alike."""
-
-    def name(key: Any) -> str:
-        return str(next(getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)))
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {"/".join(map(name, path)).removesuffix("/value"): tuple(leaf.shape) for path, leaf in flat}
-
-
-def _check_compatible(run_dir: Path, saved: Any, target: nnx.State) -> None:
-    want, got = _shapes(target), _shapes(saved)
-    if want == got:
-        return
-    theirs = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
-    where = (f"model {theirs['model']['name']} with LoRA rank {theirs['lora']['rank']}" if theirs else
-             f"{len(got)} LoRA tensors")
-    first = next((k for k in want if got.get(k) != want[k]), next(iter(got), "?"))
-    raise ConfigError(f"checkpoint {run_dir} holds {where} ({first}: {got.get(first)}) but this model needs "
-                      f"{want.get(first)}: use the run's preset/--model.*/--lora.rank or another --run")
 
 
 

@@ -150,12 +150,14 @@ def lora_logits(args: argparse.Namespace) -> str:
     from flax import nnx
 
     import model
+    import rundir
 
     cfg = cfg_of(args)
+    step = rundir.checkpoint_step(Path(args.work) / "run")
     mesh = model.make_mesh(cfg)
     with jax.set_mesh(mesh):
         lora_model = model.build_model(cfg, mesh)
-        step = model.restore_lora(lora_model, Path(args.work) / "run")
+        rundir.restore_lora(lora_model, Path(args.work) / "run", step)
         lora = logits_of(lora_model)
         lora_state = nnx.state(lora_model, nnx.LoRAParam)
         nnx.update(lora_model, jax.tree.map(jnp.zeros_like, lora_state))

@@ -8,9 +8,10 @@ import pytest
 
 import data_prep
 import eval_samples
+import rundir
 from chat_format import check_format
 from config import ConfigError, get_config
-from model import build_model, generate, latest_step, make_mesh
+from model import build_model, generate, make_mesh
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
 
@@ -161,13 +162,16 @@ def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
         eval_samples.main(["--preset", "cpu-tiny", "--run", str(tmp_path / "missing")])
 
 
-def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path):
+def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "eval"
+    read_back = []  # the checkpoint is resolved once and read back whole once, then restored
+    arrays_problem = rundir._arrays_problem
+    monkeypatch.setattr(rundir, "_arrays_problem", lambda *a: read_back.append(a[1]) or arrays_problem(*a))
     eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out), "--compare-base",
                        "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2",
                        "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == latest_step(tiny_run_dir)
+    assert read_back == [summary["step"]] == [rundir.newest_good_step(tiny_run_dir)]
     assert summary["max_new_tokens"] == 16 and "(set by --eval.max_new_tokens)" in summary["decoding"]
     tuned, base = summary["models"]["tuned"], summary["models"]["base"]
     assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
@@ -191,10 +195,3 @@ def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, 
     tuned = summary["models"]["tuned"]
     assert tuned["truncation_rate"] == sample["truncated"] == (sample["generated_tokens"] >= summary["max_new_tokens"])
     assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
-
-
-def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, tmp_path):
-    refusal = r"^error: .* was trained with --lora.rank 16 but this run has --lora.rank 8: .* another --run$"
-    with pytest.raises(SystemExit, match=refusal):
-        eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(tmp_path),
-                           "--data.out_dir", str(tiny_data_dir), "--lora.rank", "8", "--loss-only"])

@@ -19,7 +19,8 @@ import config
 import data_prep
 import export
 import train_sft
-from model import build_model, gemma_config, latest_step, make_mesh, merged_params, packed_attention_mask, restore_lora
+from model import build_model, gemma_config, make_mesh, merged_params, packed_attention_mask
+from rundir import checkpoint_step, newest_good_step, restore_lora
 
 
 def logits_of(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
@@ -46,7 +47,7 @@ def restored(tiny_run_dir: Path, tiny_cfg: config.Config, tokens: np.ndarray) ->
     mesh = make_mesh(tiny_cfg)
     with jax.set_mesh(mesh):
         model = build_model(tiny_cfg, mesh)
-        restore_lora(model, tiny_run_dir)
+        restore_lora(model, tiny_run_dir, checkpoint_step(tiny_run_dir))
         return {"logits": logits_of(model, tokens),
                 "base": {p: np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()},
                 "merged": merged_params(model, tiny_cfg.lora.alpha, tiny_cfg.lora.rank)}
@@ -63,7 +64,8 @@ def test_restored_lora_matches_the_trained_model(tiny_data_dir: Path, tmp_path: 
         trained = logits_of(built[0], tokens)
         fresh = build_model(cfg, mesh)
         before = logits_of(fresh, tokens)
-        assert restore_lora(fresh, tmp_path / "run") == 2
+        assert checkpoint_step(tmp_path / "run") == 2
+        restore_lora(fresh, tmp_path / "run", 2)
         np.testing.assert_array_equal(logits_of(fresh, tokens), trained)
     assert np.abs(trained - before).max() > 1e-3  # the two steps changed the model
 
@@ -100,7 +102,7 @@ def test_hf_export_matches_in_transformers(tiny_run_dir: Path, restored: dict, t
     transformers = pytest.importorskip("transformers")
     out = export.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--format", "hf", "--out",
                        str(tmp_path / "hf")])
-    assert json.loads((out / "export.json").read_text())["step"] == latest_step(tiny_run_dir)
+    assert json.loads((out / "export.json").read_text())["step"] == newest_good_step(tiny_run_dir)
     model = transformers.Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -120,7 +122,7 @@ def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_di
     summary = train_sft.main(["--preset", "cpu-tiny", "--init-from", str(tiny_run_dir), "--out", str(tmp_path / "u"),
                               "--data", str(tiny_data_dir), "--max-steps", "1", "--run.eval_every", "100"])
     assert summary["steps"] == 1
-    assert f"initialised LoRA from {tiny_run_dir} step {latest_step(tiny_run_dir)}" in capsys.readouterr().out
+    assert f"initialised LoRA from {tiny_run_dir} step {newest_good_step(tiny_run_dir)}" in capsys.readouterr().out
 
 
 def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
