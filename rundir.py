@@ -143,23 +143,35 @@ def _arrays_problem(run_dir: str | Path, step: int) -> str | None:
 
 @functools.cache
 def _one_array_at_a_time() -> Any:
-    """Orbax's type handlers, with numpy arrays read one at a time. Orbax reads a tree's arrays concurrently in an
-    event loop of its own and closes that loop at the first failure; the reads still in flight then report into the
-    closed loop, each with a traceback on stderr ("Event loop is closed", dozens for one damaged checkpoint). Read in
-    turn, a failed read leaves nothing in flight."""
+    """Orbax's array type handlers, reading each array's metadata and values one at a time. Orbax opens a tree's
+    arrays concurrently in an event loop of its own and closes that loop at the first failure; the opens still in
+    flight then report into the closed loop, each with a traceback on stderr ("Event loop is closed", dozens for
+    one damaged checkpoint). Opened in turn, a failed one leaves nothing in flight."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
-    class OneArrayAtATime(ocp.type_handlers.NumpyHandler):
-        async def deserialize(self, infos: Any, args: Any = None) -> list[np.ndarray]:
+    class InTurn:
+        async def metadata(self, infos: Any) -> list[Any]:
+            metadata = []
+            for info in infos:  # a loop, not a comprehension: super() needs the method's own frame
+                metadata += await super().metadata([info])
+            return metadata
+
+        async def deserialize(self, infos: Any, args: Any = None) -> list[Any]:
             arrays = []
             for info, arg in zip(infos, args or [ocp.RestoreArgs()] * len(infos), strict=True):
                 arrays += await super().deserialize([info], [arg])
             return arrays
 
-    return ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, ocp.type_handlers.ArrayHandler()), (np.ndarray, OneArrayAtATime()))
+    class ArraysInTurn(InTurn, ocp.type_handlers.ArrayHandler):
+        pass
+
+    class NumpyArraysInTurn(InTurn, ocp.type_handlers.NumpyHandler):
+        pass
+
+    return ocp.type_handlers.create_type_handler_registry((jax.Array, ArraysInTurn()),
+                                                          (np.ndarray, NumpyArraysInTurn()))
 
 
 def step_verdicts(run_dir: str | Path, read_arrays: bool = True) -> Iterator[tuple[int, str | None]]:
