@@ -19,6 +19,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -122,23 +123,30 @@ def checkpoint_problem(run_dir: str | Path, step: int, read_arrays: bool = True)
 
 
 def _arrays_problem(run_dir: str | Path, step: int) -> str | None:
-    """Why the arrays of checkpoint ``step`` do not read back, or None when every one of them does."""
+    """Why the arrays of checkpoint ``step`` do not read back (which item, in words), or None when all of them do."""
     # Imported here, as in every function that reads arrays: the rest of this module runs before JAX is imported.
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
-    handlers = {item: ocp.PyTreeCheckpointHandler(type_handler_registry=_one_array_at_a_time())
-                for item in CHECKPOINT_ITEMS}
-    try:
-        with ocp.CheckpointManager(checkpoint_dir(run_dir).resolve(), item_handlers=handlers) as mgr:
-            saved = mgr.item_metadata(step)
-            mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[item], is_leaf=lambda x: hasattr(x, "shape")))
-                for item in CHECKPOINT_ITEMS}))
-    except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
-        return f"it does not read back: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    for item in CHECKPOINT_ITEMS:
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_one_array_at_a_time())
+        try:
+            with ocp.CheckpointManager(checkpoint_dir(run_dir).resolve(), item_handlers={item: handler}) as mgr:
+                saved = mgr.item_metadata(step)[item]
+                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved,
+                                        is_leaf=lambda x: hasattr(x, "shape"))
+                mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=as_numpy)}))
+        except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
+            return f"its {item} arrays do not read back ({_error_kind(err)})"
     return None
+
+
+def _error_kind(err: Exception) -> str:
+    """An exception's type, and tensorstore's status code (NOT_FOUND, OUT_OF_RANGE, DATA_LOSS ...) when its message
+    starts with one: a kind of failure in a few words, not a message of paths."""
+    code = re.match(r"[A-Z][A-Z_]+(?=: )", str(err))
+    return f"{type(err).__name__}: {code.group()}" if code else type(err).__name__
 
 
 @functools.cache
@@ -200,15 +208,15 @@ def set_aside(run_dir: str | Path, step: int, problem: str, lock: RunLock | None
     writing the run; either way says so in one line. ``lock``: this process holds the run's lock already."""
     run_dir = Path(run_dir)
     step_dir = checkpoint_dir(run_dir) / str(step)
-    where = f"checkpoint {step_dir} cannot be restored ({problem})"
+    where = f"checkpoint {step_dir} cannot be restored: {problem};"
     handle = None if lock is not None else _try_lock(run_dir.resolve())
     if isinstance(handle, str):
-        print(f"{where}: skipped; not set aside while {handle} trains into {run_dir}")
+        print(f"{where} left in place while {handle} trains into {run_dir}")
         return
     try:
         target = step_dir.with_name(f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
         step_dir.rename(target)
-        print(f"{where}: set aside as {target}")
+        print(f"{where} set aside as {target}")
     finally:
         if handle is not None:
             handle.close()
