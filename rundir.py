@@ -15,6 +15,7 @@ arrays import orbax and JAX inside.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import functools
 import json
@@ -22,6 +23,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -398,12 +400,12 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
     settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
     d, r = cfg.data, cfg.run
     if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
-        if not (Path(d.out_dir) / "manifest.json").is_file():
+        if not _is_file(Path(d.out_dir) / "manifest.json"):
             raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
                               f"`python data_prep.py --preset {cfg.preset} --data {d.out_dir}` first")
     elif stage in ("data_prep", "train_sft", "eval_samples"):  # these prepare the data, or reuse a preparation
         local_source(d)
-        if not (Path(d.out_dir).expanduser() / "manifest.json").is_file():
+        if not _is_file(Path(d.out_dir).expanduser() / "manifest.json"):
             check_writable_dir(d.out_dir, "--data")
     if stage == "train_sft":
         check_writable_dir(r.out_dir, "--out")
@@ -416,16 +418,46 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
 
 
 def check_writable_dir(path: str | Path, flag: str) -> None:
-    """A directory a stage writes into: it, or the nearest folder above it that exists, must be writable."""
+    """A directory a stage writes into must be one, or be creatable, and must take a new file: checked by creating
+    it (and any missing folder above it) and a probe file in it, then removing what the check created. Permission
+    bits do not tell: as root, os.access says yes under /proc, where nothing can be created."""
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
+    missing = [p for p in (path, *path.parents) if not _exists(p)]  # deepest first
+    if not missing and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory: pass a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if p not in missing)
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing}): pass a writable "
                           "directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        what = "cannot be created" if missing else "is not writable"
+        raise ConfigError(f"{flag} {path} {what} ({err.strerror}): pass a directory that can be written") from None
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):  # not empty: another process writes there now
+                folder.rmdir()
+
+
+def _exists(path: Path) -> bool:
+    """Whether a path exists; False for one the system cannot even look up (a name too long, say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def local_source(data_cfg: DataConfig) -> Path | None:

@@ -26,10 +26,17 @@ import config
     ("eval_samples.py", ["--run", "{tmp}/missing"], "error: run directory {tmp}/missing does not exist"),
     ("eval_samples.py", ["--run", "{tmp}", "--max-steps", "3"], "error: eval_samples.py does not use --max-steps"),
     ("export.py", ["--run", "{tmp}", "--out", "{file}"], "error: --out {file} is a file, not a directory"),
+    # outputs that no user can create, which permission bits call writable (as root under /proc): refused at once
+    ("train_sft.py", ["--out", "{long}/run"], "error: --out {long}/run cannot be created (File name too long)"),
+    ("train_sft.py", ["--out", "/proc/tunix-sft-probe/run"], "error: --out /proc/tunix-sft-probe/run "),
+    ("data_prep.py", ["--data", "{long}"], "error: --data {long} cannot be created (File name too long)"),
+    ("eval_samples.py", ["--run", "{tmp}", "--out", "{long}"], "error: --out {long} cannot be created (File name"),
+    ("eval_samples.py", ["--run", "{tmp}", "--out", "/proc/tunix-sft-probe"], "error: --out /proc/tunix-sft-probe "),
+    ("export.py", ["--run", "{tmp}", "--out", "{long}/x"], "error: --out {long}/x cannot be created (File name too"),
 ])
 def test_bad_settings_stop_before_heavy_imports(script: str, args: list[str], message: str, tmp_path: Path) -> None:
     """The README's "bad settings stop before any heavy work": one line, and JAX (or numpy) was never imported."""
-    names = {"tmp": tmp_path, "file": tmp_path / "a_file"}
+    names = {"tmp": tmp_path, "file": tmp_path / "a_file", "long": tmp_path / ("n" * 300)}
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "rows.parquet").write_text('{"prompt": "a JSON line named .parquet"}\n')
     code, stderr, imported = run_stage(script, "--preset", "cpu-tiny", *[a.format(**names) for a in args])
