@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -203,6 +204,13 @@ def newest_good_step(run_dir: str | Path, read_arrays: bool = True, set_aside_da
         if set_aside_damaged:
             set_aside(run_dir, step, problem, lock)
     return None
+
+
+def keep_newest_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Deletes all but the newest ``keep`` step checkpoints of a run: orbax's own rule after each save, applied
+    again at the end of a run for a process killed between a save and orbax's clean-up."""
+    for step in saved_steps(run_dir)[keep:]:
+        shutil.rmtree(checkpoint_dir(run_dir) / str(step))
 
 
 def set_aside(run_dir: str | Path, step: int, problem: str, lock: RunLock | None = None) -> None:

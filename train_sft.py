@@ -35,6 +35,7 @@ from rundir import (
     check_training_start,
     checkpoint_dir,
     checkpoint_step,
+    keep_newest_checkpoints,
     newest_good_step,
     restore_lora,
     saved_steps,
@@ -446,9 +447,13 @@ class TimedCheckpoints:
     def __init__(self, manager: Any, monitor: RunMonitor):
         self.manager, self.monitor = manager, monitor
 
-    def save(self, *args: Any, **kwargs: Any) -> bool:
+    def save(self, step: int, *args: Any, force: bool = False, **kwargs: Any) -> bool:
+        if step >= self.monitor.plan.total_steps and not force:
+            # The plan's last step is saved when the trainer closes, after its metrics rows: a run killed once that
+            # checkpoint exists has every row of it, and its re-run has nothing to add.
+            return False
         began = self.monitor.clock()
-        saved = self.manager.save(*args, **kwargs)
+        saved = self.manager.save(step, *args, force=force, **kwargs)
         if saved:
             self.monitor.save_times.append(self.monitor.clock() - began)
         return saved
@@ -647,11 +652,17 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
 
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(monitor, "stop_requested", True))
         try:
-            trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
+            if trainer.train_steps < plan.total_steps:
+                trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
+            else:  # killed after its last checkpoint: the rows and the weights are all there
+                print(f"the plan of {run_dir} is done: nothing to train")
+                trainer.close()
         finally:
             signal.signal(signal.SIGTERM, previous)
             monitor.jsonl.close()
 
+    if lock is not None:
+        keep_newest_checkpoints(run_dir, cfg.run.checkpoints_to_keep)
     records = read_metrics(run_dir / "metrics.jsonl")
     saved_step = next(iter(saved_steps(run_dir)), None)  # the trainer's last save
     plan_done = trainer.train_steps >= plan.total_steps

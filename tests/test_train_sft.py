@@ -237,28 +237,29 @@ def _final_losses(run_dir: Path) -> tuple[float, float]:
             [r["eval_loss"] for r in records if "eval_loss" in r][-1])
 
 
-def test_a_run_killed_between_writing_and_renaming_a_checkpoint_resumes_exactly(tiny_run_dir, tiny_data_dir,
-                                                                                 tmp_path):
-    """The process freezes (SIGSTOP) once checkpoint 8 is written in full under orbax's temporary name, just
-    before the rename that publishes it, and is then killed (SIGKILL): the re-run resumes from checkpoint 4
-    and ends with the unbroken run's weights."""
-    run_dir = tmp_path / "killed"
-    cfg = tiny_run_config(run_dir, tiny_data_dir)
-    argv = ["--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
-    argv += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
-    script = f"""
+# A training process that freezes itself (SIGSTOP) just before orbax renames checkpoint BEFORE into place, or just
+# after it renames checkpoint AFTER, so that the test can kill it there.
+FREEZE_AT_A_RENAME = """
 import os, signal, sys
 from pathlib import Path
 from orbax.checkpoint._src.path import async_path
 rename = async_path.rename
-async def rename_after_a_freeze(src, dst):
-    if Path(dst).name == "8":
+async def rename_with_a_freeze(src, dst):
+    if Path(dst).name == {before!r}:
         os.kill(os.getpid(), signal.SIGSTOP)
-    return await rename(src, dst)
-async_path.rename = rename_after_a_freeze
+    renamed = await rename(src, dst)
+    if Path(dst).name == {after!r}:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return renamed
+async_path.rename = rename_with_a_freeze
 import train_sft
 train_sft.main({argv!r})
 """
+
+
+def _kill_when_frozen(argv: list[str], before: str = "", after: str = "") -> None:
+    """Runs train_sft.main(argv) in a child process that freezes at a checkpoint's rename, then kills it (SIGKILL)."""
+    script = FREEZE_AT_A_RENAME.format(before=before, after=after, argv=argv)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -270,19 +271,41 @@ train_sft.main({argv!r})
                 break
             time.sleep(0.2)
         assert os.WIFSTOPPED(status), f"the training process did not freeze at the rename (status {status})"
-        ckpt_dir = rundir.checkpoint_dir(run_dir)
-        assert (ckpt_dir / "8.orbax-checkpoint-tmp").is_dir() and not (ckpt_dir / "8").exists()
     finally:
         process.kill()
         process.wait(timeout=60)
+
+
+def test_a_run_killed_at_either_end_of_a_checkpoint_rename_ends_as_the_unbroken_run(tiny_run_dir, tiny_data_dir,
+                                                                                    tmp_path):
+    """Killed once checkpoint 8 is written in full under orbax's temporary name, just before the rename that
+    publishes it, the re-run resumes from checkpoint 4. Killed again just after checkpoint 12, the plan's last, is
+    renamed into place (before orbax removes checkpoint 4), the next re-run finds the plan done. The run ends with
+    the unbroken run's weights, final metrics row, summary and kept checkpoints."""
+    run_dir = tmp_path / "killed"
+    ckpt_dir = rundir.checkpoint_dir(run_dir)
+    cfg = tiny_run_config(run_dir, tiny_data_dir)
+    argv = ["--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
+    argv += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
+    _kill_when_frozen(argv, before="8")
+    assert (ckpt_dir / "8.orbax-checkpoint-tmp").is_dir() and not (ckpt_dir / "8").exists()
     assert rundir.newest_good_step(run_dir) == 4
-    summary = train_sft.train(cfg, tiny_data_dir)  # the killed writer's lock does not block the re-run
-    assert summary["steps"] == TINY_RUN_STEPS
+    _kill_when_frozen(argv, after=str(TINY_RUN_STEPS))  # the killed writer's lock does not block the re-run
+    assert rundir.saved_steps(run_dir) == [TINY_RUN_STEPS, 8, 4]
+    summary = train_sft.train(cfg, tiny_data_dir)
+    assert rundir.saved_steps(run_dir) == rundir.saved_steps(tiny_run_dir) == [TINY_RUN_STEPS, 8]  # keep 2
     assert not list(ckpt_dir.glob("*.orbax-checkpoint-tmp*"))
-    steps_after_resume = [r["step"] for r in read_metrics(run_dir)][-(TINY_RUN_STEPS - 4):]
-    assert steps_after_resume == list(range(5, TINY_RUN_STEPS + 1))
-    # Same batches, same schedule, same optimizer state: the same final weights as the unbroken run.
-    assert _final_losses(run_dir) == pytest.approx(_final_losses(tiny_run_dir), abs=1e-4)
+    records, unbroken_records = read_metrics(run_dir), read_metrics(tiny_run_dir)
+    assert [r["step"] for r in records][-(TINY_RUN_STEPS - 4):] == list(range(5, TINY_RUN_STEPS + 1))
+    final = ("step", "loss", "eval_loss", "learning_rate", "grad_norm")
+    assert {k: records[-1][k] for k in final} == pytest.approx({k: unbroken_records[-1][k] for k in final}, abs=1e-4)
+    # Same batches, same schedule, same optimizer state: the same final weights and summary as the unbroken run.
+    unbroken = json.loads((tiny_run_dir / "run_summary.json").read_text())
+    same = ("steps", "planned_steps", "plan_done", "epochs", "tokens_seen", "stopped_early", "final_loss",
+            "final_eval_loss")
+    assert {k: summary[k] for k in same} == pytest.approx({k: unbroken[k] for k in same}, abs=1e-4)
+    assert json.loads((run_dir / "run_summary.json").read_text())["final_loss"] == summary["final_loss"]
+    assert Path(summary["checkpoint"]) == ckpt_dir / str(TINY_RUN_STEPS)
 
 
 def test_a_run_resumes_past_a_damaged_checkpoint_and_a_torn_metrics_line(tiny_run_dir, tiny_data_dir, tmp_path,
