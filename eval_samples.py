@@ -255,7 +255,8 @@ def plot_lengths(records: list[dict], path: Path, training_completions: np.ndarr
     for limit, style, name in ((budget, "--", f"budget {budget}"), (HACKATHON_TOKENS, ":", "1,024 tokens")):
         if limit:
             axes[2].axvline(limit, color="tab:red", linestyle=style, label=name)
-    axes[2].set(title="completion length", xlabel="tokens (with <end_of_turn> for training rows)", ylabel="share")
+    axes[2].set(title="completion length", xlabel="tokens (with <end_of_turn> and EOS for training rows)",
+                ylabel="share")
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -76,11 +76,11 @@ def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor)
     tokens, loss_mask = data_prep.tokenize_example(sp, prompt, completion, max_len=512)
     n_prompt = 1 + len(sp.encode(prompt))
     assert tokens.dtype == loss_mask.dtype == np.int32 and len(tokens) == len(loss_mask)
-    assert tokens[0] == 2 and tokens[-1] == 107
+    assert tokens[0] == 2 and tokens[-2:].tolist() == [107, 1]  # ... <end_of_turn> EOS: a default-stop Sampler stops
     assert not loss_mask[:n_prompt].any() and loss_mask[n_prompt:].all()
     assert tokens[n_prompt - 1] == sp.encode("\n")[-1]  # the prompt ends "<start_of_turn>model\n"
     assert sp.decode(tokens[1:n_prompt].tolist()) == prompt
-    assert sp.decode(tokens[loss_mask == 1].tolist()) == completion + "<end_of_turn>"
+    assert sp.decode(tokens[loss_mask == 1][:-1].tolist()) == completion + "<end_of_turn>"
 
 
 def test_rows_over_max_len_are_dropped_not_truncated(sp: spm.SentencePieceProcessor) -> None:
@@ -158,7 +158,7 @@ def segments(window: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
         where = np.flatnonzero(ids == segment)
         assert len(where) and (np.diff(where) == 1).all()  # contiguous: no row is split
         assert (positions[where] == np.arange(len(where))).all()  # positions restart per row
-        assert tokens[where[0]] == 2 and tokens[where[-1]] == 107  # BOS ... <end_of_turn>: exactly one row
+        assert tokens[where[0]] == 2 and tokens[where[-2:]].tolist() == [107, 1]  # BOS ... <end_of_turn> EOS: one row
         rows.append(tuple(tokens[where].tolist()))
     return rows
 
