@@ -38,8 +38,7 @@ from typing import Any, NamedTuple
 
 from chat_format import (
     END_OF_TURN,
-    GEMMA_CHAT_TEMPLATE,
-    INSTRUCTION,
+    PROMPT_TEMPLATE,
     TEMPLATE_MARKER_RE,
     build_prompt,
     is_blank,
@@ -300,7 +299,7 @@ def cache_key(cfg: Config, tokenizer_path: Path) -> dict[str, Any]:
         "max_len": d.max_len, "pack": d.pack, "pack_buffer": d.pack_buffer,
         "tokenizer": str(tokenizer_path),
         "tokenizer_sha256": _sha256(tokenizer_path),
-        "prompt_format_sha256": hashlib.sha256((INSTRUCTION + GEMMA_CHAT_TEMPLATE).encode()).hexdigest(),
+        "prompt_format_sha256": hashlib.sha256(PROMPT_TEMPLATE.encode()).hexdigest(),
     }
 
 

