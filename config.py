@@ -157,7 +157,8 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    """Generation settings; the defaults are the hackathon's declared inference settings."""
+    """Generation settings; the defaults are the hackathon template's evaluation decoding (INF_TEMPERATURE 0,
+    INF_TOP_K 1, INF_TOP_P None, which here is 1.0: no nucleus cut, SEED 42)."""
 
     # Generation budget in new tokens; 0 = derived from the prepared data (its longest kept completion,
     # rounded up: data_prep.generation_budget), so that answers get the length they were trained on.
@@ -165,7 +166,7 @@ class EvalConfig:
     temperature: float = 0.0
     top_k: int = 1
     top_p: float = 1.0
-    seed: int = 0
+    seed: int = 42
     batch_size: int = 8
     # JSONL or text file of prompts; empty = the shipped prompt set (or held-out rows for tiny).
     prompts: str = ""
@@ -369,8 +370,9 @@ def stage_flags(stage: str) -> argparse.ArgumentParser:
         parser.add_argument("--format", choices=EXPORT_FORMATS, default="orbax",
                             help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
         parser.add_argument("--out", required=True, help="output directory")
-        parser.add_argument("--upload", default="", metavar="HANDLE",
-                            help="publish to this Kaggle model handle (OWNER/MODEL/FRAMEWORK/VARIATION)")
+        parser.add_argument("--upload", default="", metavar="OWNER/MODEL",
+                            help="publish the orbax export to OWNER/MODEL/jax/size, where the "
+                                 "hackathon's template downloads unrestricted_kaggle_model = 'OWNER/MODEL'")
     return parser
 
 

@@ -39,6 +39,9 @@ CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
 RESUME_METADATA = ("data_iterator", "planned_steps")
 # The lock file of a run directory (one writer per run).
 RUN_LOCK = "run.lock"
+# What the hackathon's submission template appends to unrestricted_kaggle_model ("USER/MODEL") to download the
+# unrestricted-mode model: the framework and variation that export.py --upload USER/MODEL publishes.
+JUDGED_VARIATION = "jax/size"
 # Local data sources: JSON lines or Parquet.
 SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
@@ -421,6 +424,8 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
     if stage in ("eval_samples", "export"):
         check_saved_run(args.run, cfg, "--run", args.step)
         check_writable_dir(args.out or Path(args.run) / "eval", "--out")
+    if stage == "export":
+        check_export_dir(args.out, args.format, args.upload)
     if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
         raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
 
@@ -466,6 +471,29 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:
         return False
+
+
+def upload_handle(model: str) -> str:
+    """``--upload USER/MODEL`` -> the handle the template downloads, USER/MODEL/jax/size."""
+    if len(model.split("/")) != 2 or not all(model.split("/")):
+        raise ConfigError(f"--upload {model!r} is not a Kaggle model: pass OWNER/MODEL (the upload goes to "
+                          f"OWNER/MODEL/{JUDGED_VARIATION}, where the judges' template downloads it)")
+    return f"{model}/{JUDGED_VARIATION}"
+
+
+def check_export_dir(out_dir: str | Path, fmt: str, upload_model: str) -> None:
+    """An export replaces its output folder whole (a variation must hold nothing else): it must be new, empty or an
+    earlier export (it has export.json). Only the orbax export is uploaded, to ``upload_handle(upload_model)``."""
+    out_dir = Path(out_dir).expanduser()
+    check_writable_dir(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "export.json").is_file():
+        raise ConfigError(f"--out {out_dir} holds files that are not an export (no export.json), which the export "
+                          "would replace: pass a new or empty directory")
+    if upload_model:
+        upload_handle(upload_model)
+        if fmt != "orbax":
+            raise ConfigError("--upload publishes the orbax export, which the judges' template loads: "
+                              "drop --upload or use --format orbax")
 
 
 def local_source(data_cfg: DataConfig) -> Path | None:
