@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jinja2.sandbox
@@ -123,6 +124,25 @@ class FormatCheck(NamedTuple):
     reason: str | None
     reasoning: str | None
     answer: str | None
+
+
+ANSWER_END = "</answer>"
+
+
+def tokens_after_answer(tokens: list[int], decode: Callable[[list[int]], str]) -> int | None:
+    """Generated tokens after the one that completes the first ``</answer>``, None if the output never closes it:
+    how far generation ran on once the answer was over (0 where it stopped at ``<end_of_turn>``, which the
+    output leaves out). Binary search over prefixes: about log2(len(tokens)) decodes."""
+    if ANSWER_END not in decode(tokens):
+        return None
+    shortest, longest = 1, len(tokens)  # the shortest prefix whose text holds </answer>
+    while shortest < longest:
+        middle = (shortest + longest) // 2
+        if ANSWER_END in decode(tokens[:middle]):
+            longest = middle
+        else:
+            shortest = middle + 1
+    return len(tokens) - shortest
 
 
 def check_format(text: str, truncated: bool = False) -> FormatCheck:

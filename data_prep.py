@@ -577,6 +577,16 @@ def generation_budget(data_dir: str | Path) -> int:
     return -(-longest // GENERATION_BUDGET_STEP) * GENERATION_BUDGET_STEP
 
 
+def prompt_budget(d: DataConfig) -> int:
+    """The notebook's MAX_PROMPT_LENGTH: the longest row trained on (``max_len``) rounded up to a power of two.
+
+    The judges' Sampler cache holds MAX_PROMPT_LENGTH + MAX_GENERATION_STEPS + 256 tokens, and Tunix's Sampler
+    pads a batch of prompts to the next power of two of the longest: a power of two here lets every prompt of up
+    to this many tokens (long texts to summarise included) fit with the whole generation budget.
+    """
+    return 1 << (d.max_len - 1).bit_length()
+
+
 def resolve_max_new_tokens(cfg: Config, data_dir: str | Path) -> int:
     """``eval.max_new_tokens`` if set, else the budget derived from the prepared data (generation_budget)."""
     return cfg.eval.max_new_tokens or generation_budget(data_dir)

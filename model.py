@@ -34,7 +34,7 @@ from tunix.generate.utils import next_power_of_2
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
-from chat_format import END_OF_TURN, build_prompt
+from chat_format import END_OF_TURN, build_prompt, tokens_after_answer
 from config import (
     Config,
     ConfigError,
@@ -394,10 +394,12 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
                       forbidden_tokens=undecodable_ids(tokenizer, model), **sampling)
         seconds = time.perf_counter() - began
         # The sampler cuts each output before its first stop token: a full-length output never stopped.
-        lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
-        for prompt, text, length in zip(prompts[start:start + batch_size], out.text, lengths, strict=False):
+        outputs = [[int(t) for t in tokens] for tokens in out.tokens[:len(chunk)]]
+        lengths = [len(tokens) for tokens in outputs]
+        for prompt, text, tokens in zip(prompts[start:start + batch_size], out.text, outputs, strict=False):
             records.append({"model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
-                            "truncated": length >= ecfg.max_new_tokens, "generated_tokens": length,
+                            "truncated": len(tokens) >= ecfg.max_new_tokens, "generated_tokens": len(tokens),
+                            "tokens_after_answer": tokens_after_answer(tokens, tokenizer.decode),
                             "batch": batch, "tokens_per_s": sum(lengths) / seconds})
     return records
 

@@ -111,7 +111,6 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tunix.generate import sampler as sampler_lib
-from tunix.generate.utils import next_power_of_2
 
 import chat_format
 import config
@@ -175,7 +174,7 @@ TOP_P = None
 
 # You may also change this parameter for inference if you want
 MAX_GENERATION_STEPS = data_prep.resolve_max_new_tokens(cfg, data_dir)
-MAX_PROMPT_LENGTH = next_power_of_2(cfg.data.max_len)
+MAX_PROMPT_LENGTH = data_prep.prompt_budget(cfg.data)
 
 
 # DO NOT CHANGE BELOW
