@@ -3,8 +3,10 @@ before it imports anything heavy.
 
     RUN/config.json                       the settings and the data manifest the run was trained with
     RUN/run.lock                          held by the one process that trains into RUN
-    RUN/checkpoints/<step>/               orbax checkpoints: LoRA (model_params), optimizer state, resume metadata
-    RUN/checkpoints/<step>.damaged-<time> a checkpoint that could not be restored, set aside (never deleted)
+    RUN/actor/<step>/                     orbax checkpoints: LoRA (model_params), optimizer state, resume metadata;
+                                          RUN/actor/<step>/model_params is where the hackathon's template finds
+                                          the LoRA (its CKPT_DIR = the run directory)
+    RUN/actor/<step>.damaged-<time>       a checkpoint that could not be restored, set aside (never deleted)
 
 A stage resolves the checkpoint step it loads once (``checkpoint_step``: the newest that reads back whole, damaged
 newer ones set aside) and passes it down to ``restore_lora``. Standard library only at module level: every stage
@@ -33,7 +35,7 @@ from typing import Any, TextIO
 from config import Config, ConfigError, DataConfig, model_sizes, parse_argv
 
 # Where a run keeps its orbax checkpoints, one folder per step (checkpoint_dir): the one name of the layout.
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = "actor"
 # The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
 CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
 RESUME_METADATA = ("data_iterator", "planned_steps")

@@ -246,13 +246,13 @@ display(Image(str(RUN_DIR / "eval" / "lengths.png")))
 display(Markdown((RUN_DIR / "eval" / "report.md").read_text()[:20_000]))
 
 # %% [markdown]
-# **What the judges' evaluation cells use.** The run directory is `CKPT_DIR` (its `actor/<step>/model_params`
-# are the checkpoints); `lora_policy` is Tunix's Gemma2 with this run's qwix LoRA, at the final checkpoint's
+# **What the judges' evaluation cells use.** The run directory, as an absolute path, is `CKPT_DIR` (its
+# `actor/<step>/model_params` are the checkpoints); `lora_policy` is Tunix's Gemma2 with this run's qwix LoRA, at the final checkpoint's
 # weights, on the training mesh; `tokenizer` is the sentencepiece model the Sampler takes; `model_config` is
 # Tunix's `ModelConfig` of the model.
 
 # %%
-CKPT_DIR = str(RUN_DIR)
+CKPT_DIR = str(RUN_DIR.resolve())  # absolute: orbax restores only from an absolute path
 mesh = model.make_mesh(cfg)
 with jax.set_mesh(mesh):
     lora_policy = model.build_model(cfg, mesh)
