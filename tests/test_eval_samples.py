@@ -195,3 +195,41 @@ def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, 
     tuned = summary["models"]["tuned"]
     assert tuned["truncation_rate"] == sample["truncated"] == (sample["generated_tokens"] >= summary["max_new_tokens"])
     assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
+
+
+def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_path):
+    """Trained rows end <end_of_turn> EOS: cpu-tiny trained to recite a few rows, then sampled as the judges' cells
+    sample (the template's Sampler, no stop tokens passed, so Tunix stops on EOS alone), ends each well-formed
+    output within a token of </answer> (its <end_of_turn>) instead of running on to the budget."""
+    from judges_procedure import EVALUATE, MAKE_SAMPLER, run_cells
+    from tunix.generate import sampler as sampler_lib
+
+    import train_sft
+    from chat_format import PROMPT_TEMPLATE, tokens_after_answer
+    from rundir import checkpoint_step, restore_lora
+
+    cfg = get_config("cpu-tiny", {
+        "data.out_dir": str(tmp_path / "data"), "data.stop": "16", "data.eval_rows": "1", "data.max_len": "256",
+        "run.out_dir": str(tmp_path / "run"), "run.micro_batch": "2", "run.max_steps": "80", "run.epochs": "1000",
+        "run.eval_every": "1000", "run.checkpoint_every_steps": "1000", "run.time_budget_min": "0",
+        "eval.generate_every": "0"})
+    data_dir = data_prep.prepare(cfg, show_progress=False)
+    train_sft.train(cfg, data_dir)
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    trained = [row.prompt for row in data_prep.process_rows(tokenizer, data_prep.read_source(cfg.data), cfg.data)
+               if row.example is not None][:-1]  # the last kept row is held out
+    budget = data_prep.resolve_max_new_tokens(cfg, data_dir)
+    mesh = make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        lora_policy = build_model(cfg, mesh)
+        restore_lora(lora_policy, cfg.run.out_dir, checkpoint_step(cfg.run.out_dir))
+        kernel = run_cells({
+            "sampler_lib": sampler_lib, "lora_policy": lora_policy, "tokenizer": tokenizer,
+            "model_config": lora_policy.config, "MAX_PROMPT_LENGTH": data_prep.prompt_budget(cfg.data),
+            "MAX_GENERATION_STEPS": budget, "PROMPT_TEMPLATE": PROMPT_TEMPLATE, "JUDGE_QUESTIONS": trained,
+            "INF_TEMPERATURE": 0, "INF_TOP_K": 1, "INF_TOP_P": None, "SEED": 42}, MAKE_SAMPLER, EVALUATE)
+    outputs = [([int(t) for t in tokens], text) for tokens, text in zip(kernel["Result"].tokens,
+                                                                        kernel["Result"].text, strict=True)]
+    well_formed = [tokens for tokens, text in outputs if check_format(text, len(tokens) >= budget).ok]
+    assert len(well_formed) >= len(outputs) // 2 > 0
+    assert all(tokens_after_answer(tokens, tokenizer.decode) <= 2 for tokens in well_formed)
