@@ -36,6 +36,8 @@ from config import Config, ConfigError, DataConfig, model_sizes, parse_argv
 
 # Where a run keeps its orbax checkpoints, one folder per step (checkpoint_dir): the one name of the layout.
 CHECKPOINT_SUBDIR = "actor"
+# Where runs made before kept the same checkpoints: such a run stops with one line naming the mv that fixes it.
+OLD_CHECKPOINT_SUBDIR = "checkpoints"
 # The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
 CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
 RESUME_METADATA = ("data_iterator", "planned_steps")
@@ -52,8 +54,13 @@ TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    """The folder of a run's step checkpoints."""
-    return Path(run_dir) / CHECKPOINT_SUBDIR
+    """The folder of a run's step checkpoints; a run in the old layout (RUN/checkpoints only) stops every stage
+    with one line saying how to move it."""
+    old, new = Path(run_dir) / OLD_CHECKPOINT_SUBDIR, Path(run_dir) / CHECKPOINT_SUBDIR
+    if old.expanduser().is_dir() and not new.expanduser().exists():
+        raise ConfigError(f"{run_dir} keeps its checkpoints in {OLD_CHECKPOINT_SUBDIR}/, where the hackathon's "
+                          f"template does not look: move them with `mv {old} {new}`")
+    return new
 
 
 def saved_steps(run_dir: str | Path) -> list[int]:
@@ -287,10 +294,12 @@ def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def existing_run_dir(run_dir: str | Path) -> Path:
-    """A run directory a stage reads: it must exist (one line naming the fix, if not)."""
+    """A run directory a stage reads: it must exist and keep its checkpoints where they belong (one line naming
+    the fix, if not)."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
+    checkpoint_dir(run_dir)
     return run_dir
 
 

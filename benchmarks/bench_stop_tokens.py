@@ -52,7 +52,8 @@ def measure(cfg: config.Config, run_dir: Path, data_dir: Path) -> dict[str, dict
     """Compliance, outputs that close </answer>, tokens after it and budget hits, per stop rule."""
     import jax
 
-    from model import build_model, generate, make_mesh, restore_lora
+    from model import build_model, generate, make_mesh
+    from rundir import checkpoint_step, restore_lora
 
     budget = data_prep.resolve_max_new_tokens(cfg, data_dir)
     prompts = eval_samples.eval_prompts(cfg, data_dir)
@@ -60,7 +61,7 @@ def measure(cfg: config.Config, run_dir: Path, data_dir: Path) -> dict[str, dict
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         lora_policy = build_model(cfg, mesh)
-        restore_lora(lora_policy, run_dir)
+        restore_lora(lora_policy, run_dir, checkpoint_step(run_dir))
         ours = generate(lora_policy, tokenizer, prompts, dataclasses.replace(cfg.eval, max_new_tokens=budget),
                         "tuned", show_progress=False)
         judged = judged_outputs(lora_policy, tokenizer, [p["prompt"] for p in prompts],

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO_DIR / "tests"))  # judges_procedure: the template's 
 
 import config  # noqa: E402
 import kaggle_weights  # noqa: E402
+import rundir  # noqa: E402
 
 RESULTS_PATH = REPO_DIR / "benchmarks" / "results_real_shape_cpu.md"
 # A few token ids (all below the tiny tokenizer's 2048 pieces) whose logits the exports must reproduce.
@@ -154,7 +155,6 @@ def lora_logits(args: argparse.Namespace) -> str:
     from flax import nnx
 
     import model
-    import rundir
 
     cfg = cfg_of(args)
     step = rundir.checkpoint_step(Path(args.work) / "run")
@@ -359,7 +359,8 @@ def drive(args: argparse.Namespace) -> tuple[list[dict], int]:
     py = [sys.executable]
     me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--stage"]
     flags = overrides(work, args.layers)
-    run, ckpt = work / "run", work / "run" / config.CHECKPOINT_SUBDIR
+    run = work / "run"
+    ckpt = rundir.checkpoint_dir(run)
     train = [*py, "train_sft.py", *flags, "--out", str(run), "--data", str(work / "data"), "--max-steps", "3"]
     stages = [
         ("write Kaggle checkpoint", [*me, "write-checkpoint"], None),

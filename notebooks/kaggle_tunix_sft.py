@@ -118,6 +118,7 @@ import data_prep
 import eval_samples
 import export
 import model
+import rundir
 import train_sft
 
 print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; repository {REPO_DIR}")
@@ -256,7 +257,8 @@ CKPT_DIR = str(RUN_DIR.resolve())  # absolute: orbax restores only from an absol
 mesh = model.make_mesh(cfg)
 with jax.set_mesh(mesh):
     lora_policy = model.build_model(cfg, mesh)
-    final_step = model.restore_lora(lora_policy, RUN_DIR)
+    final_step = rundir.checkpoint_step(RUN_DIR)
+    rundir.restore_lora(lora_policy, RUN_DIR, final_step)
 model_config = lora_policy.config
 tokenizer = data_prep.load_tokenizer(cfg.model)
 print(f"lora_policy: Gemma2 + LoRA rank {cfg.lora.rank} at step {final_step} of {CKPT_DIR}/actor; "

@@ -175,3 +175,19 @@ def test_eval_writes_into_the_run_by_default_and_must_be_able_to(tmp_path: Path)
                                            str(tmp_path / "data")], "eval_samples", "doc")
     assert args.out == str(tmp_path / "report") and cfg.data.out_dir == str(tmp_path / "data")
     assert args.overrides == {"data.out_dir": str(tmp_path / "data")}
+
+
+def test_a_run_in_the_old_checkpoint_layout_stops_with_the_move_to_make(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """Checkpoints live at RUN/actor/<step>, where the hackathon's template looks; a run made before kept them in
+    RUN/checkpoints: every stage that reads it stops with one line naming the mv that fixes it, before JAX."""
+    run = tmp_path / "old_run"
+    shutil.copytree(tiny_run_dir, run)
+    rundir.checkpoint_dir(run).rename(run / rundir.OLD_CHECKPOINT_SUBDIR)
+    move = f"mv {run / 'checkpoints'} {run / 'actor'}"
+    for script, *args in (("eval_samples.py", "--run", run), ("export.py", "--run", run, "--out", tmp_path / "x"),
+                          ("train_sft.py", "--out", run), ("train_sft.py", "--out", tmp_path / "new", "--init-from",
+                                                           run)):
+        code, stderr, imported = run_stage(script, "--preset", "cpu-tiny", *args)
+        assert code != 0 and len(stderr) == 1 and move in stderr[0] and not imported & HEAVY_MODULES, (script, stderr)
+    (run / rundir.OLD_CHECKPOINT_SUBDIR).rename(run / rundir.CHECKPOINT_SUBDIR)  # the move it names
+    assert rundir.saved_lora_shape(run) is not None
