@@ -153,8 +153,9 @@ def test_generate_with_the_tiny_model():
     for r in records:
         assert 0 < r["generated_tokens"] <= 16 and r["truncated"] == (r["generated_tokens"] == 16)
         assert r["tokens_per_s"] > 0 and isinstance(r["output"], str)
-        assert set(r) == {"model", "domain", "prompt", "output", "truncated", "generated_tokens", "batch",
-                          "tokens_per_s"}  # generation only: evaluation checks the format (checked)
+        assert set(r) == {"model", "domain", "prompt", "output", "truncated", "generated_tokens", "tokens_after_answer",
+                          "batch", "tokens_per_s"}  # generation only: evaluation checks the format (checked)
+        assert r["tokens_after_answer"] is None  # an untrained model writes no </answer>
 
 
 def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
