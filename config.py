@@ -62,6 +62,7 @@ class ModelConfig:
     remat: str = "none"
     # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
     # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
+    # At most a quarter of a row is used (model.row_loss_chunk): a larger chunk costs as much as the full logits.
     loss_chunk: int = 512
     # Attention of the training and eval-loss forward passes: "xla" (Tunix's own, [B, heads, T, T] scores in HBM)
     # or "splash" (JAX's Pallas TPU splash kernel, fused; a TPU kernel, run interpreted on a CPU; model.py).

@@ -403,11 +403,21 @@ def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, we
     return total
 
 
+def row_loss_chunk(loss_chunk: int, positions: int) -> int:
+    """The chunk the loss takes on rows of ``positions`` predicted positions: ``loss_chunk``, but at most a
+    quarter of a row; 0 (the full logits) when ``loss_chunk`` is 0 or one chunk would cover the row. A chunk's
+    backward holds about five [chunk, vocab] blocks against under three row-sized ones for the full loss, so a
+    chunk of half a row or more costs as much as the full logits (benchmarks/results_loss_memory.md)."""
+    chunk = min(loss_chunk, -(-positions // 4))
+    return chunk if 0 < chunk < positions else 0
+
+
 def nll_sums(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of the loss tokens' NLL, number of loss tokens). ``loss_chunk`` positions per row at a time
-    (``chunked_nll_sum``), or 0 for the full [B, L, vocab] logits at once."""
+    (``chunked_nll_sum``, as ``row_loss_chunk`` fits it to the row), or 0 for the full [B, L, vocab] logits."""
     weights = loss_mask[:, 1:].astype(jnp.float32)
+    loss_chunk = row_loss_chunk(loss_chunk, weights.shape[1])
     if loss_chunk:
         hidden = final_hidden_states(model, tokens, positions, attention_mask)[:, :-1]
         nll_sum = chunked_nll_sum(model, hidden, tokens[:, 1:], weights, loss_chunk)
