@@ -4,10 +4,12 @@ Item 4 of issue 8: for each max_len, on the length-faithful distribution of ``as
 (Gemma tokens at 4.0 characters per token), the share of rows kept, source rows read for 180k kept
 training rows, packing efficiency with and without packing (``data_prep.pack_rows``), tokens per epoch,
 the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs.
+With ``--step-s 2048=0.65 ...`` (the lower bound per optimizer step of 32 windows at each max_len, from
+``benchmarks/results_tpu_fit.md``) it also gives the hours of 4 epochs at that bound and at 50% of it.
 Item 5: data-stage throughput on length-faithful rows of real character length
 (``bench_data_prep.throughput``). Writes ``benchmarks/results_lengths.md``.
 
-    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3]
+    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3] [--step-s 2048=0.65]
 """
 
 from __future__ import annotations
@@ -63,15 +65,19 @@ def max_len_row(rows: np.ndarray, completions: np.ndarray, max_len: int, pack_ro
             "completion_p50": float(np.percentile(kept_completions, 50)), "longest": int(kept_completions.max())}
 
 
-def length_table(results: list[dict]) -> str:
+def length_table(results: list[dict], step_s: dict[int, float]) -> str:
     lines = ["| max_len | rows kept | source rows read for 180k kept | packing efficiency, packed / unpacked | "
              "tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
-             "of step FLOPs | v5e-8 hours, 4 epochs, 35% / 50% MFU |", "|---|---|---|---|---|---|---|---|"]
+             "of step FLOPs | v5e-8 hours, 4 epochs, 35% / 50% MFU | bound per optimizer step | v5e-8 hours, 4 "
+             "epochs, at the bound / at 50% of it |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         h35, h50 = (r["hours"][m] for m in MFUS)
+        bound = step_s.get(r["max_len"])
+        at_bound = (f"{bound:.2f} s | {r['steps'] * bound / 3600:.1f} / {2 * r['steps'] * bound / 3600:.1f}"
+                    if bound else "- | -")
         lines.append(f"| {r['max_len']} | {r['share']:.1%} | {r['source_rows']:,.0f} | {r['packing']:.1%} / "
                      f"{r['without']:.1%} | {r['tokens'] / 1e6:,.0f}M / {r['window_tokens'] / 1e6:,.0f}M | "
-                     f"{r['steps']:,.0f} | {r['attention']:.1%} | {h35:.1f} / {h50:.1f} |")
+                     f"{r['steps']:,.0f} | {r['attention']:.1%} | {h35:.1f} / {h50:.1f} | {at_bound} |")
     return "\n".join(lines)
 
 
@@ -82,7 +88,10 @@ def main() -> None:
     parser.add_argument("--prep-rows", type=int, default=1_500, help="length-faithful rows for the throughput")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--step-s", nargs="*", default=[], metavar="MAX_LEN=SECONDS",
+                        help="lower bound per optimizer step of 32 windows (benchmarks/results_tpu_fit.md)")
     args = parser.parse_args()
+    step_s = {int(k): float(v) for k, v in (item.split("=") for item in args.step_s)}
 
     rows, completions = glaive_lengths.gemma_lengths(args.rows, seed=0)
     results = [max_len_row(rows, completions, max_len, args.pack_rows) for max_len in MAX_LENS]
@@ -106,7 +115,8 @@ def main() -> None:
     RESULTS_PATH.write_text(f"""# Real glaiveai lengths: what max_len keeps and costs, and how fast preparation is
 
 Command: `.venv/bin/python benchmarks/bench_lengths.py --rows {args.rows} --pack-rows {args.pack_rows} \
---prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}`
+--prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}\
+{' --step-s ' + ' '.join(args.step_s) if args.step_s else ''}`
 
 Machine: {os.cpu_count()} CPUs, {bench_data_prep.cpu_model()}, Python {platform.python_version()};
 1-minute load average {load_before:.1f} before the throughput runs and {load_after:.1f} after (shared machine:
@@ -127,7 +137,7 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
 
 ## max_len: {args.rows:,} sampled rows
 
-{length_table(results)}
+{length_table(results, step_s)}
 
 - *Rows kept*: share within max_len (longer rows are dropped, never truncated). Broken rows (a few
   percent on the sample; unknown on the real data) come on top of the source rows read.

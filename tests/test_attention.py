@@ -165,3 +165,15 @@ def test_cpu_tiny_learns_with_splash_as_with_tunix_attention(tiny_run_dir, tiny_
         got = [r[key] for r in splash if r.get(key) is not None]
         assert len(got) == len(want) >= 4 and len([r for r in splash if r.get("loss") is not None]) == TINY_RUN_STEPS
         np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=key)
+
+
+def test_the_tpu_presets_use_splash_and_splash_lifts_the_window_cap_on_packed_windows():
+    assert [config.get_config(p).model.attention for p in ("kaggle", "unrestricted", "gpu", "cpu-tiny")] == [
+        "splash", "splash", "xla", "xla"]
+    assert config.get_config("kaggle", {"data.max_len": "8192"}).data.max_len == 8192  # window applied per row
+    with pytest.raises(config.ConfigError, match="exceeds the sliding window 4096"):
+        config.get_config("kaggle", {"data.max_len": "8192", "model.attention": "xla"})
+    with pytest.raises(config.ConfigError, match="multiple of 128"):
+        config.get_config("kaggle", {"data.max_len": "2000"})
+    with pytest.raises(config.ConfigError, match="unknown: use xla or splash"):
+        config.get_config("kaggle", {"model.attention": "flash"})
