@@ -18,6 +18,7 @@ from test_train_sft import read_metrics
 from tunix.models.gemma import model as gemma_lib
 
 import config
+import data_prep
 import model
 import train_sft
 
@@ -100,6 +101,9 @@ def test_splash_loss_and_every_lora_gradient_equal_tunix_attention(full_window_m
     for path, grad in grads.items():
         assert np.abs(xla_grads[path]).max() > 1e-6, path  # every tensor has a gradient to compare
         assert relative_l2(grad, xla_grads[path]) < 1e-5, path
+    evaluated = {attention: model.evaluate_loss(full_window_model, [batch], attention=attention,
+                                                attention_block=128)["loss"] for attention in ("xla", "splash")}
+    assert evaluated["splash"] == pytest.approx(evaluated["xla"], rel=1e-5)
     # The comparison can fail: rows that see each other change the loss.
     leaky = dict(batch, segment_ids=np.where(batch["segment_ids"] > 0, 1, 0).astype(np.int32))
     assert abs(loss_and_lora_grads(full_window_model, leaky, "splash")[0] - xla_loss) > 1e-3
@@ -152,6 +156,22 @@ def test_splash_runs_sharded_over_an_fsdp8_mesh_as_tunix_attention_does():
     assert result["devices"] == 8
     assert result["loss"] == pytest.approx(result["xla_loss"], rel=1e-5)
     assert result["worst"] < 1e-5
+
+
+def test_decoding_with_a_cache_is_tunix_own_attention(full_window_model, monkeypatch):
+    """The sampler (prefill and decode steps, with a KV cache) generates the same tokens with the swapped method
+    as with Tunix's own."""
+    cfg = splash_config(window=LENGTH, **{"eval.max_new_tokens": "12", "eval.batch_size": "2"})
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}, {"domain": "other", "prompt": "Say hello."}]
+
+    def outputs() -> list[str]:
+        return [r["output"] for r in model.generate(full_window_model, tokenizer, prompts, cfg.eval, "tuned",
+                                                   show_progress=False)]
+
+    swapped = outputs()
+    monkeypatch.setattr(gemma_lib.Attention, "block", model.TUNIX_ATTENTION_BLOCK)
+    assert outputs() == swapped and any(swapped)
 
 
 def test_cpu_tiny_learns_with_splash_as_with_tunix_attention(tiny_run_dir, tiny_data_dir, tmp_path):
