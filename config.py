@@ -210,10 +210,9 @@ class Config:
 
 
 def _kaggle() -> Config:
-    """No remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured that fits a v5e
-    chip with at least 1.5 GiB to spare (14.2 of 16 GiB per chip with the chunked loss, compiled ahead of time;
-    0.74 s per optimizer step at the chip's peak against 1.16 s for block remat at 8 x 4;
-    benchmarks/results_tpu_fit.md)."""
+    """Splash attention, no remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured
+    at max_len 2048 that fits a v5e chip with at least 1.5 GiB to spare (compiled ahead of time; figures and the
+    choice in benchmarks/results_tpu_fit.md, section "Splash attention")."""
     cfg = Config(preset="kaggle")
     cfg.model.remat = "none"
     cfg.model.attention = "splash"
