@@ -152,23 +152,20 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
-**Decision: keep max_len 2048 for `kaggle`.** At 2048 the 180k kept rows need about
-{at_2048['source_rows']:,.0f} source rows ({at_2048['share']:.0%} kept) and 4 epochs take
-{at_2048['hours'][0.35]:.1f} h at 35% MFU ({at_2048['hours'][0.5]:.1f} h at 50%): within the 8-hour training
-budget at either MFU. 3072 and 4096 keep nearly every row (4096 also packs two rows a window), but each
-epoch then carries
-{results[1]['tokens'] / at_2048['tokens']:.2f}x and {results[2]['tokens'] / at_2048['tokens']:.2f}x the
-tokens at a higher FLOPs per token (attention {results[1]['attention']:.1%} and {results[2]['attention']:.1%}
-of the step against {at_2048['attention']:.1%}), so 4 epochs would need
-{results[1]['hours'][0.35]:.1f} h and {results[2]['hours'][0.35]:.1f} h at 35% MFU: the time budget would cut
-them to fewer epochs, and a 4096-token window doubles the per-chip activations and logits that already take
-most of the 16 GB (../shared/NOTES.md: 9.7 GiB at 8 x 2048 with block remat). 2048 is also the recipe's
-choice. The price is visible: rows over 2048 tokens (the longest reasoning) are never seen, so the model
-learns completions of at most {at_2048['longest']:,} tokens (kept completions' p50
-{at_2048['completion_p50']:,.0f}, against {results[2]['completion_p50']:,.0f} over nearly all rows at 4096),
-and generation must be given that budget (`data_prep.generation_budget`: the longest kept completion rounded
-up, {-(-at_2048['longest'] // 128) * 128} at this max_len), not the 768 the notebook used to declare. With more time
-(the unrestricted preset's further sessions) 3072 is the next step: {results[1]['share']:.0%} of rows kept.
+**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) the bound per
+token hardly depends on the window any more (`benchmarks/results_tpu_fit.md`: per 32 x 2048 tokens 0.65 s at 2048,
+0.69 s at 3072, 0.63 s at 4096, all without remat; 4096 fits with 2.84 GiB headroom), and the sliding-window cap
+on packed windows is gone for splash. So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at
+{results[2]['packing']:.0%}, in about the same hours at the bound as 2048 (last columns). What keeps 2048 is the
+output length, not the cost: the judges generate with a budget of 768 tokens ("under 1K is fine", ../shared/
+NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,} tokens (kept completions'
+p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
+{results[2]['completion_p50']:,.0f}, longest {results[2]['longest']:,}), which such a budget truncates before
+the answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
+{at_2048['source_rows']:,.0f} source rows against {results[2]['source_rows']:,.0f} at 4096 (only
+{at_2048['share']:.0%} kept), a preparation cost of minutes, and is the recipe's choice. 4096 is one flag away
+(`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4`, effective 32 windows; or `--run.grad_accum 2` for
+about 32 rows a step) for a run judged without that budget.
 
 ## Preparation throughput at real lengths
 
