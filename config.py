@@ -55,7 +55,13 @@ class ModelConfig:
     remat: str = "none"
     # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
     # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
+    # At most a quarter of a row is used (model.row_loss_chunk): a larger chunk costs as much as the full logits.
     loss_chunk: int = 512
+    # Attention of the training and eval-loss forward passes: "xla" (Tunix's own, [B, heads, T, T] scores in HBM)
+    # or "splash" (JAX's Pallas TPU splash kernel, fused; a TPU kernel, run interpreted on a CPU; model.py).
+    attention: str = "xla"
+    # Query and key positions per splash kernel block (a multiple of 128 that divides max_len, or above it).
+    attention_block: int = 512
     # Sizes of the "tiny" model (ignored for gemma2-2b-it).
     num_layers: int = 4
     vocab_size: int = 2048
@@ -198,12 +204,12 @@ class Config:
 
 
 def _kaggle() -> Config:
-    """No remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured that fits a v5e
-    chip with at least 1.5 GiB to spare (14.2 of 16 GiB per chip with the chunked loss, compiled ahead of time;
-    0.74 s per optimizer step at the chip's peak against 1.16 s for block remat at 8 x 4;
-    benchmarks/results_tpu_fit.md)."""
+    """Splash attention, no remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured
+    at max_len 2048 that fits a v5e chip with at least 1.5 GiB to spare (compiled ahead of time; figures and the
+    choice in benchmarks/results_tpu_fit.md, section "Splash attention")."""
     cfg = Config(preset="kaggle")
     cfg.model.remat = "none"
+    cfg.model.attention = "splash"
     cfg.run.micro_batch, cfg.run.grad_accum = 16, 2
     return cfg
 
@@ -218,6 +224,7 @@ def _gpu() -> Config:
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 8
     cfg.model.remat = "block"  # what the memory estimate assumes; not yet measured on a GPU
+    cfg.model.attention = "xla"  # splash is a TPU kernel; no fused GPU attention has Gemma2's soft-cap
     cfg.run.time_budget_min = 0.0
     return cfg
 
@@ -424,9 +431,19 @@ def validate(cfg: Config) -> None:
                           f"--run.mesh_fsdp {r.mesh_fsdp}: use a multiple of {r.mesh_fsdp}")
     if d.max_len < 16:
         raise ConfigError(f"--data.max_len {d.max_len} is too small: use at least 16")
-    if d.pack and d.max_len > window:
+    if m.attention not in ("xla", "splash"):
+        raise ConfigError(f"--model.attention {m.attention!r} is unknown: use xla or splash")
+    if m.attention == "splash" and (d.max_len % 128 or m.attention_block % 128
+                                    or d.max_len % min(m.attention_block, d.max_len)):
+        raise ConfigError(f"--model.attention splash needs --data.max_len ({d.max_len}) a multiple of 128 and "
+                          f"--model.attention_block ({m.attention_block}) a multiple of 128 that divides it (or "
+                          "exceeds it): use e.g. --model.attention_block 512 and --data.max_len 2048")
+    # Tunix's own sliding mask compares key indices of the packed window with positions within the row (splash
+    # applies the window per row).
+    if d.pack and d.max_len > window and m.attention == "xla":
         raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
-                          f"would see keys outside their window; lower max_len or set --data.pack false")
+                          f"would see keys outside their window; lower max_len, set --data.pack false or use "
+                          f"--model.attention splash")
     if d.start < 0 or (d.stop and d.stop <= d.start):
         raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
                           "--data.stop must exceed --data.start (0 = to the end)")

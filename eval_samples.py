@@ -300,7 +300,8 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
                 model = build_model(cfg, mesh, with_lora=False)
             if not loss_only:
                 records += [checked(r, tokenizer) for r in generate(model, tokenizer, prompts, ecfg, name)]
-            losses[name] = evaluate_loss(model, batches, cfg.model.loss_chunk)
+            losses[name] = evaluate_loss(model, batches, cfg.model.loss_chunk, cfg.model.attention,
+                                          cfg.model.attention_block)
     meta = {"run": str(run_dir), "step": step, "preset": cfg.preset, "prompts": len(prompts),
             "decoding": "none (--loss-only)" if loss_only else _decoding(ecfg, cfg.eval.max_new_tokens == 0),
             "max_new_tokens": ecfg.max_new_tokens, "eval": dataclasses.asdict(ecfg)}

@@ -11,6 +11,7 @@ model from here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +29,8 @@ import orbax.checkpoint as ocp
 import qwix
 import sentencepiece as spm
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from tqdm import tqdm
 from tunix.generate.sampler import CacheConfig, Sampler
 from tunix.generate.utils import next_power_of_2
@@ -208,6 +211,102 @@ def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, kind)))
 
 
+# ----------------------------------------------------------------------------- fused attention (splash)
+# Everything that changes Tunix's Gemma2 attention lives in this section. Tunix 0.1.7's ``Attention.block`` computes
+# [batch, heads, T, S] scores, their soft-cap, mask and softmax in HBM; with ``model.attention`` "splash" the
+# training and eval-loss forward passes (no KV cache) hand that part to JAX's Pallas TPU splash kernel instead.
+# The model gets the packed rows' segment ids (a ``PackedSegments``) where Tunix takes its [B, T, S] mask; with a
+# cache (decoding) or a mask (the "xla" setting) the swapped method is Tunix's own, unchanged.
+# tests/test_attention.py pins the Tunix version and the source of the method replaced here.
+
+TUNIX_ATTENTION_BLOCK = gemma_lib.Attention.block
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedSegments:
+    """Segment ids [B, T] of packed rows (0 = padding), given to the model in place of an attention mask: it runs
+    the splash kernel with blocks of ``block`` positions (fewer when the window is shorter)."""
+
+    ids: jax.Array
+    block: int = dataclasses.field(metadata={"static": True})
+
+
+def _context_mesh() -> Any:
+    """The mesh the step runs under: Tunix's legacy ``with mesh:`` (the trainer) or ``jax.set_mesh``; None outside."""
+    mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+    mesh = jax.sharding.get_abstract_mesh() if mesh.empty else mesh
+    return None if mesh.empty else mesh
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segments: PackedSegments,
+                     window: int | None, soft_cap: float | None, spec: tuple[str | None, ...]) -> jax.Array:
+    """Causal attention of packed rows, [B, T, N, H] pre-scaled queries over [B, T, K, H] keys and values (GQA:
+    N a multiple of K), within each row only, and within ``window`` positions of the query when it is set.
+
+    Under a mesh each device runs the kernel on its own rows (and heads), sharded as ``spec`` ([B, T, N, H])
+    says. The kernel is built per trace: one kept across traces holds its mask as arrays of another trace. It
+    runs in interpret mode where the devices are CPUs (the tests), and refuses GPUs (it is a TPU kernel)."""
+    mesh = _context_mesh()
+    platform = mesh.abstract_mesh.abstract_device.platform if mesh is not None else jax.default_backend()
+    if platform not in ("tpu", "cpu"):
+        raise ConfigError(f"--model.attention splash is a TPU kernel and cannot run on {platform}: use "
+                          "--model.attention xla")
+    length = query.shape[1]
+    block = min(segments.block, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+        shape = (length, length)
+        mask = splash_mask.LocalMask(shape, (window - 1, 0), 0) if window else splash_mask.CausalMask(shape)
+        kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * q.shape[2]), block_sizes=sizes,
+                                        attn_logits_soft_cap=soft_cap, head_shards=1, q_seq_shards=1,
+                                        interpret=platform == "cpu")
+
+        def one_row(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), segment_ids=splash.SegmentIds(ids, ids))
+            return out.swapaxes(0, 1)
+
+        return jax.vmap(one_row)(q, k, v, ids)
+
+    if mesh is None:
+        return attend(query, key, value, segments.ids)
+    spec = tuple(axis if axis in mesh.axis_names else None for axis in spec)
+    heads, rows = jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(*spec[:2])
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                         check_vma=False)(query, key, value, segments.ids)
+
+
+def _attention_block(self: gemma_lib.Attention, x: jax.Array, segment_pos: jax.Array, cache: Any,
+                     attn_mask: jax.Array | PackedSegments) -> tuple[Any, jax.Array]:
+    """Tunix's ``Attention.block`` with its scores, soft-cap, mask, softmax and value sum done by
+    ``splash_attention`` when given ``PackedSegments`` without a cache; Tunix's own method otherwise."""
+    if not isinstance(attn_mask, PackedSegments):
+        return TUNIX_ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
+    if cache is not None:
+        raise ValueError("packed segment ids are for cache-free forward passes: decode with Tunix's mask")
+    # As Tunix 0.1.7 computes them: projections (qwix adds LoRA to these einsums), RoPE, the query scale.
+    if self.use_qkv_einsum:
+        query_proj, key_proj, value_proj = self.qkv_einsum(x)
+    else:
+        query_proj = self.q_einsum(x)
+        key_proj, value_proj = self.kv_einsum(x)
+    query_proj = gemma_lib.shard(query_proj, self.shd_config.act_btnh)
+    key_proj = gemma_lib.shard(key_proj, self.shd_config.act_btnh)
+    value_proj = gemma_lib.shard(value_proj, self.shd_config.act_btnh)
+    query_scaled = gemma_lib.apply_rope(query_proj, segment_pos, head_dim=self.head_dim) * self.head_dim**-0.5
+    key_proj = gemma_lib.apply_rope(key_proj, segment_pos, head_dim=self.head_dim)
+    window = self.sliding_window_size if self.attn_type == gemma_lib.AttentionType.LOCAL_SLIDING else None
+    encoded = splash_attention(query_scaled, key_proj, value_proj, attn_mask, window, self.attn_logits_soft_cap,
+                               self.shd_config.act_btnh)
+    attn_output = self.attn_vec_einsum(encoded)
+    return None, gemma_lib.shard(attn_output, self.shd_config.act_btd)
+
+
+gemma_lib.Attention.block = _attention_block
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -218,10 +317,21 @@ def packed_attention_mask(segment_ids: jax.Array) -> jax.Array:
     return same_row & causal[None] & (segment_ids > 0)[:, :, None]
 
 
-def gen_model_input(batch: dict[str, Any]) -> dict[str, Any]:
-    """Batch from the loader -> keyword arguments of the loss (runs inside the jitted step)."""
+def gen_model_input(batch: dict[str, Any], attention: str = ModelConfig.attention,
+                    attention_block: int = ModelConfig.attention_block) -> dict[str, Any]:
+    """Batch from the loader -> keyword arguments of the loss (runs inside the jitted step). The attention mask
+    is Tunix's [B, L, L] one ("xla") or the segment ids themselves for the splash kernel ("splash")."""
+    segment_ids = batch["segment_ids"]
+    mask = (PackedSegments(segment_ids, attention_block) if attention == "splash"
+            else packed_attention_mask(segment_ids))
     return {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"], "positions": batch["positions"],
-            "attention_mask": packed_attention_mask(batch["segment_ids"])}
+            "attention_mask": mask}
+
+
+def make_gen_model_input(model_cfg: ModelConfig) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``gen_model_input`` with the configured attention, for ``PeftTrainer.with_gen_model_input_fn``."""
+    return functools.partial(gen_model_input, attention=model_cfg.attention,
+                             attention_block=model_cfg.attention_block)
 
 
 def token_losses(model: nnx.Module, tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array
@@ -283,11 +393,21 @@ def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, we
     return total
 
 
+def row_loss_chunk(loss_chunk: int, positions: int) -> int:
+    """The chunk the loss takes on rows of ``positions`` predicted positions: ``loss_chunk``, but at most a
+    quarter of a row; 0 (the full logits) when ``loss_chunk`` is 0 or one chunk would cover the row. A chunk's
+    backward holds about five [chunk, vocab] blocks against under three row-sized ones for the full loss, so a
+    chunk of half a row or more costs as much as the full logits (benchmarks/results_loss_memory.md)."""
+    chunk = min(loss_chunk, -(-positions // 4))
+    return chunk if 0 < chunk < positions else 0
+
+
 def nll_sums(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of the loss tokens' NLL, number of loss tokens). ``loss_chunk`` positions per row at a time
-    (``chunked_nll_sum``), or 0 for the full [B, L, vocab] logits at once."""
+    (``chunked_nll_sum``, as ``row_loss_chunk`` fits it to the row), or 0 for the full [B, L, vocab] logits."""
     weights = loss_mask[:, 1:].astype(jnp.float32)
+    loss_chunk = row_loss_chunk(loss_chunk, weights.shape[1])
     if loss_chunk:
         hidden = final_hidden_states(model, tokens, positions, attention_mask)[:, :-1]
         nll_sum = chunked_nll_sum(model, hidden, tokens[:, 1:], weights, loss_chunk)
@@ -315,18 +435,19 @@ def make_loss_fn(loss_chunk: int) -> Callable[..., tuple[jax.Array, dict[str, ja
     return chunked_loss_fn
 
 
-@functools.partial(nnx.jit, static_argnames="loss_chunk")
-def _batch_nll_sums(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int
-                    ) -> tuple[jax.Array, jax.Array]:
-    return nll_sums(model, **gen_model_input(batch), loss_chunk=loss_chunk)
+@functools.partial(nnx.jit, static_argnames=("loss_chunk", "attention", "attention_block"))
+def _batch_nll_sums(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int, attention: str,
+                    attention_block: int) -> tuple[jax.Array, jax.Array]:
+    return nll_sums(model, **gen_model_input(batch, attention, attention_block), loss_chunk=loss_chunk)
 
 
 def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]],
-                  loss_chunk: int = ModelConfig.loss_chunk) -> dict[str, float]:
+                  loss_chunk: int = ModelConfig.loss_chunk, attention: str = ModelConfig.attention,
+                  attention_block: int = ModelConfig.attention_block) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over batches, without training."""
     total, count = 0.0, 0.0
     for batch in batches:
-        nll_sum, weight_sum = _batch_nll_sums(model, batch, loss_chunk)
+        nll_sum, weight_sum = _batch_nll_sums(model, batch, loss_chunk, attention, attention_block)
         total, count = total + float(nll_sum), count + float(weight_sum)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": int(count)}

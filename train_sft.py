@@ -61,8 +61,8 @@ from model import (
     build_sampler,
     count_params,
     flops_per_token,
-    gen_model_input,
     generate,
+    make_gen_model_input,
     make_loss_fn,
     make_mesh,
     maybe_initialize_distributed,
@@ -528,7 +528,8 @@ def make_trainer(model: nnx.Module, cfg: Config, plan: StepPlan, **training: Any
     the configured (chunked) loss. The benchmarks and the TPU fit check compile this same step."""
     trainer = SFTTrainer(model, make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
         gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None, **training))
-    trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
+    trainer.with_gen_model_input_fn(make_gen_model_input(cfg.model))
+    trainer.with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
     return trainer
 
 
