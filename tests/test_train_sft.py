@@ -463,8 +463,10 @@ def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
     """What `python train_sft.py --preset gpu --max-steps 2` parses and validates."""
     cfg, _ = rundir.settings_from_argv(["--preset", "gpu", "--max-steps", "2"], "train_sft", "doc")
     kaggle = config.get_config("kaggle")
-    assert {**vars(cfg.model), "remat": None} == {**vars(kaggle.model), "remat": None}  # the same model ...
+    kernel_free = {"remat": None, "attention": None}
+    assert {**vars(cfg.model), **kernel_free} == {**vars(kaggle.model), **kernel_free}  # the same model ...
     assert cfg.model.remat == "block"  # ... with the remat its memory estimate assumes
+    assert cfg.model.attention == "xla"  # ... and XLA's attention: splash is a TPU kernel
     assert (cfg.lora, cfg.optim, cfg.eval) == (kaggle.lora, kaggle.optim, kaggle.eval)
     assert {**vars(cfg.data), "out_dir": None} == {**vars(kaggle.data), "out_dir": None}  # same rows and windows
     assert (cfg.model.name, cfg.model.dtype) == ("gemma2-2b-it", "bfloat16")
