@@ -3,10 +3,7 @@ interpret mode), float32: packed windows of several rows with a trailing pad, so
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-from importlib.metadata import version
 
 import jax
 import jax.numpy as jnp
@@ -21,21 +18,11 @@ import config
 import data_prep
 import model
 import train_sft
+import tunix_adapter
 
-# What model.py's swapped Attention.block was written against: another Tunix fails here, loudly.
-TUNIX_VERSION = "0.1.7"
-TUNIX_BLOCK_SHA256 = "ebc03bbd68c71dbdf786c0781470e58783eb28aae89874cd449ccaff7e726ee8"
 LENGTH = 128  # the splash kernel's blocks are multiples of 128 positions
 # Rows per packed window: window 0 ends in padding.
 ROWS = ((50, 45), (70, 58))
-
-
-def test_the_swapped_attention_is_pinned_to_the_tunix_it_was_written_against():
-    assert version("google-tunix") == TUNIX_VERSION, "model.py's fused-attention section copies Tunix 0.1.7's " \
-        "Attention.block: check it against this Tunix, then update TUNIX_VERSION and TUNIX_BLOCK_SHA256"
-    source = inspect.getsource(model.TUNIX_ATTENTION_BLOCK)
-    assert hashlib.sha256(source.encode()).hexdigest() == TUNIX_BLOCK_SHA256, "Tunix's Attention.block changed"
-    assert gemma_lib.Attention.block is model._attention_block
 
 
 def splash_config(window: int, **overrides: str) -> config.Config:
@@ -170,7 +157,7 @@ def test_decoding_with_a_cache_is_tunix_own_attention(full_window_model, monkeyp
                                                    show_progress=False)]
 
     swapped = outputs()
-    monkeypatch.setattr(gemma_lib.Attention, "block", model.TUNIX_ATTENTION_BLOCK)
+    monkeypatch.setattr(gemma_lib.Attention, "block", tunix_adapter.ATTENTION_BLOCK)
     assert outputs() == swapped and any(swapped)
 
 

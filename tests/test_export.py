@@ -22,6 +22,7 @@ import config
 import data_prep
 import export
 import train_sft
+import tunix_adapter
 from model import build_model, gemma_config, make_mesh, merged_params, packed_attention_mask
 from rundir import checkpoint_step, newest_good_step, restore_lora
 
@@ -104,8 +105,8 @@ def test_orbax_export_loads_in_train_sft_and_tunix(variation: Path, restored: di
     params = gemma_params.load_and_format_params(str(variation / "gemma2-2b-it"))
     tunix_model = gemma_lib.module_from_linen_variables(
         module_factory=lambda: gemma_lib.Gemma(gemma_config(cfg.model), rngs=nnx.Rngs(params=0)),
-        variables=params["transformer"], map_key_fn=gemma_lib._map_linen_var_names,
-        assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+        variables=params["transformer"], map_key_fn=tunix_adapter.map_linen_var_names,
+        assign_val_fn=tunix_adapter.assign_linen_params_to_nnx_state)
     np.testing.assert_allclose(logits_of(tunix_model, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
 
 

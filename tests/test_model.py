@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import run_on_8_devices
 from flax import nnx
-from tunix.sft import peft_trainer
 
 import config
 import data_prep
 import export
 import model
+import tunix_adapter
 
 # ----------------------------------------------------------------------------- masks and loss
 
@@ -60,7 +60,7 @@ def test_gather_loss_equals_tunix_one_hot_loss(tiny_model):
                                         "segment_ids": np.ones((2, 16), np.int32),
                                         "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))})
     loss, aux = model.loss_fn(tiny_model, **inputs)
-    reference = peft_trainer._default_loss_fn(tiny_model, tokens, loss_mask, inputs["positions"],
+    reference = tunix_adapter.default_loss_fn(tiny_model, tokens, loss_mask, inputs["positions"],
                                               inputs["attention_mask"])
     assert float(loss) == pytest.approx(float(reference), rel=1e-5)
     assert float(aux["loss_tokens"]) == 16  # positions 6..13 of both rows are targets
