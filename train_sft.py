@@ -285,20 +285,23 @@ class TimeBudget:
         """Time kept back for the final checkpoint: twice the slowest save timed, or the configured guess."""
         return max(1.0, 2.0 * max(self.save_times)) if self.save_times else self.save_reserve_s
 
-    def has_time_for(self, seconds: float) -> bool:
-        """Whether work of ``seconds`` still leaves time for the next step and the final save."""
-        return self.deadline is None or (self.clock() + seconds + 1.5 * (self.step_estimate() or 0.0)
-                                         + self.reserve_seconds() <= self.deadline)
+    def has_time_for(self, seconds: float, now: float | None = None) -> bool:
+        """Whether work of ``seconds`` from ``now`` still leaves time for the next step and the final save."""
+        if self.deadline is None:
+            return True
+        now = self.clock() if now is None else now
+        return now + seconds + 1.5 * (self.step_estimate() or 0.0) + self.reserve_seconds() <= self.deadline
 
     def should_stop(self) -> bool:
         """At a step boundary: stop for SIGTERM, or when the next step and the save would pass the deadline."""
         if self.stop_requested:
             return True
-        if self.has_time_for(0.0):
+        now = self.clock()
+        if self.has_time_for(0.0, now):
             return False
         if not self.stopped_for_budget:
             self.stopped_for_budget = True
-            print(f"time budget: stopping with {_clock_text(self.deadline - self.clock())} left (a step takes "
+            print(f"time budget: stopping with {_clock_text(self.deadline - now)} left (a step takes "
                   f"{self.step_estimate() or 0.0:.2f} s, the final save is given {self.reserve_seconds():.1f} s)")
         return True
 
@@ -308,15 +311,15 @@ class TimeBudget:
         return budget_capped_steps(done_steps, planned, step, self.deadline - self.clock(),
                                    self.reserve_seconds() + 0.5 * step)
 
-    def progress_line(self, step: int, total: int, record: dict[str, Any]) -> str:
+    def progress_line(self, now: float, step: int, total: int, record: dict[str, Any]) -> str:
         line = f"progress: step {step} of {total}, loss {record['loss']:.4f}"
         if "tokens_per_s" in record:
             line += f", {record['tokens_per_s']:,.0f} tokens/s"
-        line += f", elapsed {_clock_text(self.clock() - self.started)}"
+        line += f", elapsed {_clock_text(now - self.started)}"
         if (seconds := self.step_estimate()) is not None:
             line += f", ~{_clock_text((total - step) * seconds)} left for the plan"
         if self.deadline is not None:
-            line += f", {_clock_text(self.deadline - self.clock())} left of the budget"
+            line += f", {_clock_text(self.deadline - now)} left of the budget"
         return line
 
 
@@ -446,7 +449,7 @@ class RunHooks(hooks.TrainingHooks):
                                       and now - self.last_progress < self.cfg.run.log_every_s):
             return
         self.last_progress = now
-        print(self.budget.progress_line(record["step"], self.plan.total_steps, record), flush=True)
+        print(self.budget.progress_line(now, record["step"], self.plan.total_steps, record), flush=True)
 
     def cut_plan_to_budget(self, train_ctx: Any) -> None:
         """Single session: after the probe steps, shrink the plan (and the LR schedule with it) to what the

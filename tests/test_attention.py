@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_RUN_STEPS, run_on_8_devices, tiny_run_config
+from conftest import TINY_RUN_STEPS, tiny_run_config
 from flax import nnx
 from test_train_sft import read_metrics
 from tunix.models.gemma import model as gemma_lib
@@ -121,9 +121,9 @@ def test_each_packed_row_gets_its_own_logits_with_a_window_shorter_than_the_rows
             start += length
 
 
-def test_splash_runs_sharded_over_an_fsdp8_mesh_as_tunix_attention_does():
+def test_splash_runs_sharded_over_an_fsdp8_mesh_as_tunix_attention_does(eight_devices):
     """Under the trainer's mesh the kernel runs per device on its own rows (shard_map over fsdp)."""
-    out = run_on_8_devices("""
+    out = eight_devices("""
         import json, sys
         import numpy as np
         sys.path.insert(0, "tests")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import jax.numpy as jnp
 import pytest
-from conftest import TINY_RUN_STEPS, hold_run_lock_in_a_child, run_on_8_devices, tiny_run_config
+from conftest import TINY_RUN_STEPS, hold_run_lock_in_a_child, tiny_run_config
 from flax import nnx
 
 import config
@@ -352,7 +352,7 @@ def test_a_resumed_session_loads_its_steps_from_the_compile_cache(tiny_data_dir,
     """Two sessions, each its own process as on Kaggle: the second resumes at step 2 and compiles nothing."""
     run_dir = tmp_path / "sessions"
     cfg = tiny_run_config(run_dir, tiny_data_dir, **{"run.max_steps": "4", "run.checkpoint_every_steps": "2",
-                                                     "run.eval_every": "2"})
+                                                     "run.eval_every": "2", "run.compile_cache_dir": ""})
     args = [sys.executable, "train_sft.py", "--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
     args += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
     summaries = []
@@ -372,7 +372,8 @@ def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
             "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps),
-            "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min)}
+            "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min),
+            "run.compile_cache_dir": cfg.run.compile_cache_dir}
 
 
 def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path):
@@ -389,8 +390,8 @@ def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_da
 # ----------------------------------------------------------------------------- 8 simulated devices
 
 
-def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
-    out = run_on_8_devices(f"""
+def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path, eight_devices):
+    out = eight_devices(f"""
         import json, jax
         from flax import nnx
         import config, model, train_sft
@@ -477,12 +478,3 @@ def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
     assert cfg.effective_batch == kaggle.effective_batch == 32
     assert cfg.run.time_budget_min == 0 and cfg.run.max_steps == 2
     assert model.make_mesh(cfg).shape == {"fsdp": 1, "tp": 1}  # one device, as on one GPU
-
-
-def test_gpu_preset_takes_several_gpus_through_mesh_fsdp():
-    four = config.get_config("gpu", {"run.mesh_fsdp": "4"})
-    assert four.run.micro_batch % four.run.mesh_fsdp == 0
-    with pytest.raises(config.ConfigError, match="--run.micro_batch 4 is not divisible .* --run.mesh_fsdp 8"):
-        config.get_config("gpu", {"run.mesh_fsdp": "8"})
-    eight = config.get_config("gpu", {"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.grad_accum": "4"})
-    assert eight.effective_batch == 32
