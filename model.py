@@ -554,10 +554,16 @@ def _step_numbers(ckpt_dir: Path) -> list[int]:
     return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
-def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
-    """A manager that only reads (its default options neither save nor clean anything up)."""
-    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers={
-        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
+def _checkpoint_manager(ckpt_dir: Path, alone: bool = False) -> ocp.CheckpointManager:
+    """A manager that only reads (its default options neither save nor clean anything up). Orbax synchronises every
+    process at each call unless ``alone``: then it reads for this process only, which any process may do at any
+    time (a collective restore must be made by all processes together)."""
+    me = jax.process_index()
+    sync = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}) if alone else \
+        ocp.options.MultiprocessingOptions()
+    options = ocp.CheckpointManagerOptions(create=False, multiprocessing_options=sync)
+    return ocp.CheckpointManager(ckpt_dir.resolve(), options=options, item_handlers={
+        item: ocp.PyTreeCheckpointHandler(multiprocessing_options=sync) for item in CHECKPOINT_ITEMS})
 
 
 # Checkpoints this process has read back whole, by (metadata path, its mtime): each is read once, not once per
@@ -579,7 +585,7 @@ def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
     if not isinstance(custom, dict) or any(key not in custom for key in RESUME_METADATA):
         return "its _CHECKPOINT_METADATA lacks the data position and step plan"
     try:
-        with _checkpoint_manager(ckpt_dir) as mgr:
+        with _checkpoint_manager(ckpt_dir, alone=True) as mgr:
             saved = mgr.item_metadata(step)
             mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
                 lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[item], is_leaf=lambda x: hasattr(x, "shape")))
@@ -596,6 +602,9 @@ def _set_aside(run_dir: Path, step: int, reason: str) -> None:
     run_dir = Path(run_dir)
     step_dir = run_dir / CHECKPOINT_SUBDIR / str(step)
     where = f"checkpoint {step_dir} cannot be restored ({reason})"
+    if jax.process_index() != 0:  # the run's own writes are process 0's
+        print(f"{where}: skipped; process 0 sets it aside")
+        return
     held = run_dir.resolve() in _HELD_LOCKS
     handle = None if held else _try_lock(run_dir)
     if isinstance(handle, str):
