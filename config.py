@@ -505,6 +505,9 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
     """What a stage reads must be readable, what it writes writable, and a saved LoRA it loads must fit the
     settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
     d, r = cfg.data, cfg.run
+    for flag, value in (("--out", r.out_dir), ("--data", d.out_dir), ("--init-from", r.init_from),
+                        ("--data.continue_from", d.continue_from), ("--run", getattr(args, "run", None))):
+        check_file_system_path(value, flag)
     if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
         if not (Path(d.out_dir) / "manifest.json").is_file():
             raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
@@ -525,6 +528,14 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
         check_writable_dir(args.out or Path(args.run) / "eval", "--out")
     if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
         raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
+
+
+def check_file_system_path(path: str | Path | None, flag: str) -> None:
+    """Run and data directories are file-system paths, shared by a pod slice's hosts through a mount: a URL stops."""
+    if path and "://" in str(path):
+        raise ConfigError(f"{flag} {path} is a URL: the run's lock (an OS file lock that process 0 holds) and the "
+                          "memory-mapped data need a file system; mount the bucket on every host (gcsfuse "
+                          "--implicit-dirs BUCKET ~/bucket) and pass the path under it")
 
 
 def check_writable_dir(path: str | Path, flag: str) -> None:

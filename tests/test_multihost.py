@@ -103,11 +103,12 @@ def finish(processes: list[subprocess.Popen], timeout: float = 600) -> list[tupl
 
 
 def fed_batches(record: Path) -> dict[int, dict[int, str]]:
-    """Step -> {global row: hash of its tokens}, merged over processes; a step fed again after a resume wins."""
+    """Step -> {global row: hash of its tokens} of the steps trained, merged over processes; a step fed again after
+    a resume wins. (The batch fed after the last step is read, then the trainer stops.)"""
     batches: dict[tuple[int, int], dict[int, str]] = {}
     for line in record.read_text().splitlines():
         entry = json.loads(line)
-        if "step" in entry:
+        if entry.get("step", STEPS) < STEPS:
             batches[(entry["step"], entry["process"])] = {int(row): h for row, h in entry["rows"].items()}
     merged: dict[int, dict[int, str]] = {}
     for (step, _), rows in sorted(batches.items()):
@@ -130,7 +131,7 @@ def lora_weights(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
     """Two processes x 4 devices against one process x 8 devices, on data the pair prepares: process 1 is killed
     as it feeds step 6 (after checkpoint 3), process 0 then stops within the heartbeat bound naming it, and the same
-    command re-run on both resumes at step 3 and ends with the single process's exact weights and batches."""
+    command re-run on both resumes at step 3 and ends with the single process's batches, losses and weights."""
     data_dir, pair_run, single_run = tmp_path / "data" / "cpu-tiny", tmp_path / "pair", tmp_path / "single"
     pair_record, single_record = tmp_path / "pair.jsonl", tmp_path / "single.jsonl"
 
@@ -164,10 +165,16 @@ def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
     windows = [hashlib.sha1(source[i]["tokens"].tobytes()).hexdigest() for i in range(len(source))]
     fed = [single_batches[step][row] for step in range(STEPS) for row in range(BATCH)]
     assert sorted(fed[:len(windows)]) == sorted(windows)  # the first epoch: each window once, none dropped
+    # Not bit-equal: the gradient all-reduce sums in another order across processes (gloo) than within one (the
+    # grad norms part in the 7th digit from step 2), and Adam scales near-zero gradients up to a learning-rate-sized
+    # step (lr 1e-2 here): measured 4e-4 at most on weights up to 0.25. A wrong row or batch moves them by ~1e-2.
     pair_weights, single_weights = lora_weights(pair_run, STEPS), lora_weights(single_run, STEPS)
     assert pair_weights.keys() == single_weights.keys() and pair_weights
     for name, weight in single_weights.items():
-        np.testing.assert_array_equal(pair_weights[name], weight, err_msg=name)
+        np.testing.assert_allclose(pair_weights[name], weight, rtol=0, atol=2e-3, err_msg=name)
+    losses = {name: {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                     if r.get("loss") is not None} for name, run in (("pair", pair_run), ("single", single_run))}
+    assert losses["pair"] == pytest.approx(losses["single"], rel=1e-5) and len(losses["single"]) == STEPS
     steps_logged = [r["step"] for r in map(json.loads, (pair_run / "metrics.jsonl").read_text().splitlines())
                     if r.get("loss") is not None]
     assert steps_logged[-(STEPS - 3):] == list(range(4, STEPS + 1)) and steps_logged.count(1) == 1
