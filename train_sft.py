@@ -590,7 +590,11 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
 
 def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: float,
                   clock: Callable[[], float]) -> dict[str, Any]:
-    first = jax.process_index() == 0
+    first, alone = jax.process_index() == 0, jax.process_count() == 1
+    if cfg.run.time_budget_min and not alone:
+        raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
+                          f"{jax.process_count()} processes by its own clock, at different steps: pass "
+                          "--time-budget-min 0 (and --max-steps N to end earlier)")
     if first:  # one process prepares the data and checks the run directory (setting damaged checkpoints aside)
         data_dir = data_dir or data_prep.prepare(cfg)
         latest_step(run_dir)
@@ -662,7 +666,10 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         trainer.with_training_hooks(monitor)
         trainer.with_data_hooks(trainer.feeder)
 
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(monitor, "stop_requested", True))
+        # One process alone stops at a step boundary on SIGTERM; several would stop at different steps (the others
+        # then lose the one that stopped at the next collective): there SIGTERM ends the process and the run resumes.
+        on_sigterm = (lambda *_: setattr(monitor, "stop_requested", True)) if alone else signal.SIG_DFL
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
         finally:

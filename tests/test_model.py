@@ -318,7 +318,7 @@ def test_a_checkpoint_is_read_back_whole_once_per_process_until_it_is_rewritten(
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run_dir)
     assert model.latest_step(run_dir) == 12
-    monkeypatch.setattr(model, "_checkpoint_manager", lambda *_: pytest.fail("checkpoint 12 was read again"))
+    monkeypatch.setattr(model, "_checkpoint_manager", lambda *_, **__: pytest.fail("checkpoint 12 was read again"))
     assert model.checkpoint_step(run_dir) == model.latest_step(run_dir) == 12
     metadata = run_dir / model.CHECKPOINT_SUBDIR / "12" / "_CHECKPOINT_METADATA"
     os.utime(metadata, ns=(metadata.stat().st_atime_ns, metadata.stat().st_mtime_ns + 1))  # saved again

@@ -191,3 +191,19 @@ def test_an_unreachable_coordinator_stops_with_one_line_in_seconds(tmp_path, tin
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: process 1 cannot reach the coordinator 127.0.0.1:"), done.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_time_budget_stops_a_multi_process_run_with_one_line(tmp_path, tiny_data_dir):
+    """Each process would stop by its own clock, at different steps: refused before any data or model work."""
+    port, env = free_port(), dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    processes = [subprocess.Popen(
+        [sys.executable, "train_sft.py", "--preset", "cpu-tiny", "--data", str(tiny_data_dir), "--out",
+         str(tmp_path / "run"), "--run.mesh_fsdp", "8", "--run.micro_batch", "8", "--time-budget-min", "30",
+         f"--run.coordinator=127.0.0.1:{port}", "--run.num_processes=2", f"--run.process_id={index}",
+         "--run.join_timeout_s=60"], cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for index in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 1 and err.strip().splitlines()[-1].startswith(
+            "error: --run.time_budget_min 30 would stop each of the 2 processes by its own clock"), err[-2000:]
+    assert not (tmp_path / "run" / "config.json").exists()
