@@ -4,10 +4,12 @@ Item 4 of issue 8: for each max_len, on the length-faithful distribution of ``as
 (Gemma tokens at 4.0 characters per token), the share of rows kept, source rows read for 180k kept
 training rows, packing efficiency with and without packing (``data_prep.pack_rows``), tokens per epoch,
 the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs.
+With ``--step-s 2048=0.65 ...`` (the lower bound per optimizer step of 32 windows at each max_len, from
+``benchmarks/results_tpu_fit.md``) it also gives the hours of 4 epochs at that bound and at 50% of it.
 Item 5: data-stage throughput on length-faithful rows of real character length
 (``bench_data_prep.throughput``). Writes ``benchmarks/results_lengths.md``.
 
-    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3]
+    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3] [--step-s 2048=0.65]
 """
 
 from __future__ import annotations
@@ -63,15 +65,19 @@ def max_len_row(rows: np.ndarray, completions: np.ndarray, max_len: int, pack_ro
             "completion_p50": float(np.percentile(kept_completions, 50)), "longest": int(kept_completions.max())}
 
 
-def length_table(results: list[dict]) -> str:
+def length_table(results: list[dict], step_s: dict[int, float]) -> str:
     lines = ["| max_len | rows kept | source rows read for 180k kept | packing efficiency, packed / unpacked | "
              "tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
-             "of step FLOPs | v5e-8 hours, 4 epochs, 35% / 50% MFU |", "|---|---|---|---|---|---|---|---|"]
+             "of step FLOPs | v5e-8 hours, 4 epochs, 35% / 50% MFU | bound per optimizer step | v5e-8 hours, 4 "
+             "epochs, at the bound / at 50% of it |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         h35, h50 = (r["hours"][m] for m in MFUS)
+        bound = step_s.get(r["max_len"])
+        at_bound = (f"{bound:.2f} s | {r['steps'] * bound / 3600:.1f} / {2 * r['steps'] * bound / 3600:.1f}"
+                    if bound else "- | -")
         lines.append(f"| {r['max_len']} | {r['share']:.1%} | {r['source_rows']:,.0f} | {r['packing']:.1%} / "
                      f"{r['without']:.1%} | {r['tokens'] / 1e6:,.0f}M / {r['window_tokens'] / 1e6:,.0f}M | "
-                     f"{r['steps']:,.0f} | {r['attention']:.1%} | {h35:.1f} / {h50:.1f} |")
+                     f"{r['steps']:,.0f} | {r['attention']:.1%} | {h35:.1f} / {h50:.1f} | {at_bound} |")
     return "\n".join(lines)
 
 
@@ -82,7 +88,10 @@ def main() -> None:
     parser.add_argument("--prep-rows", type=int, default=1_500, help="length-faithful rows for the throughput")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--step-s", nargs="*", default=[], metavar="MAX_LEN=SECONDS",
+                        help="lower bound per optimizer step of 32 windows (benchmarks/results_tpu_fit.md)")
     args = parser.parse_args()
+    step_s = {int(k): float(v) for k, v in (item.split("=") for item in args.step_s)}
 
     rows, completions = glaive_lengths.gemma_lengths(args.rows, seed=0)
     results = [max_len_row(rows, completions, max_len, args.pack_rows) for max_len in MAX_LENS]
@@ -106,7 +115,8 @@ def main() -> None:
     RESULTS_PATH.write_text(f"""# Real glaiveai lengths: what max_len keeps and costs, and how fast preparation is
 
 Command: `.venv/bin/python benchmarks/bench_lengths.py --rows {args.rows} --pack-rows {args.pack_rows} \
---prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}`
+--prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}\
+{' --step-s ' + ' '.join(args.step_s) if args.step_s else ''}`
 
 Machine: {os.cpu_count()} CPUs, {bench_data_prep.cpu_model()}, Python {platform.python_version()};
 1-minute load average {load_before:.1f} before the throughput runs and {load_after:.1f} after (shared machine:
@@ -127,7 +137,7 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
 
 ## max_len: {args.rows:,} sampled rows
 
-{length_table(results)}
+{length_table(results, step_s)}
 
 - *Rows kept*: share within max_len (longer rows are dropped, never truncated). Broken rows (a few
   percent on the sample; unknown on the real data) come on top of the source rows read.
@@ -142,23 +152,20 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
-**Decision: keep max_len 2048 for `kaggle`.** At 2048 the 180k kept rows need about
-{at_2048['source_rows']:,.0f} source rows ({at_2048['share']:.0%} kept) and 4 epochs take
-{at_2048['hours'][0.35]:.1f} h at 35% MFU ({at_2048['hours'][0.5]:.1f} h at 50%): within the 8-hour training
-budget at either MFU. 3072 and 4096 keep nearly every row (4096 also packs two rows a window), but each
-epoch then carries
-{results[1]['tokens'] / at_2048['tokens']:.2f}x and {results[2]['tokens'] / at_2048['tokens']:.2f}x the
-tokens at a higher FLOPs per token (attention {results[1]['attention']:.1%} and {results[2]['attention']:.1%}
-of the step against {at_2048['attention']:.1%}), so 4 epochs would need
-{results[1]['hours'][0.35]:.1f} h and {results[2]['hours'][0.35]:.1f} h at 35% MFU: the time budget would cut
-them to fewer epochs, and a 4096-token window doubles the per-chip activations and logits that already take
-most of the 16 GB (../shared/NOTES.md: 9.7 GiB at 8 x 2048 with block remat). 2048 is also the recipe's
-choice. The price is visible: rows over 2048 tokens (the longest reasoning) are never seen, so the model
-learns completions of at most {at_2048['longest']:,} tokens (kept completions' p50
-{at_2048['completion_p50']:,.0f}, against {results[2]['completion_p50']:,.0f} over nearly all rows at 4096),
-and generation must be given that budget (`data_prep.generation_budget`: the longest kept completion rounded
-up, {-(-at_2048['longest'] // 128) * 128} at this max_len), not the 768 the notebook used to declare. With more time
-(the unrestricted preset's further sessions) 3072 is the next step: {results[1]['share']:.0%} of rows kept.
+**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) the bound per
+token hardly depends on the window any more (`benchmarks/results_tpu_fit.md`: per 32 x 2048 tokens 0.65 s at 2048,
+0.69 s at 3072, 0.63 s at 4096, all without remat; 4096 fits with 2.84 GiB headroom), and the sliding-window cap
+on packed windows is gone for splash. So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at
+{results[2]['packing']:.0%}, in about the same hours at the bound as 2048 (last columns). What keeps 2048 is the
+output length, not the cost: the judges generate with a budget of 768 tokens ("under 1K is fine", ../shared/
+NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,} tokens (kept completions'
+p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
+{results[2]['completion_p50']:,.0f}, longest {results[2]['longest']:,}), which such a budget truncates before
+the answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
+{at_2048['source_rows']:,.0f} source rows against {results[2]['source_rows']:,.0f} at 4096 (only
+{at_2048['share']:.0%} kept), a preparation cost of minutes, and is the recipe's choice. 4096 is one flag away
+(`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4`, effective 32 windows; or `--run.grad_accum 2` for
+about 32 rows a step) for a run judged without that budget.
 
 ## Preparation throughput at real lengths
 

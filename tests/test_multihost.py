@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
-import config
 import data_prep
+import rundir
 
 STEPS, BATCH, KILL_AT = 7, 16, 5  # 7 x 16 rows pass the end of the 97-window epoch; checkpoints at 3 and 6
 HEARTBEAT_S = 5
@@ -118,7 +118,7 @@ def fed_batches(record: Path) -> dict[int, dict[int, str]]:
 
 def lora_weights(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     """A checkpoint's LoRA weights as host arrays, by path."""
-    with ocp.CheckpointManager(run_dir / config.CHECKPOINT_SUBDIR, item_handlers={
+    with ocp.CheckpointManager(rundir.checkpoint_dir(run_dir), item_handlers={
             "model_params": ocp.PyTreeCheckpointHandler()}) as manager:
         saved = manager.item_metadata(step)["model_params"]
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved,
