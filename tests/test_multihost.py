@@ -131,7 +131,8 @@ def lora_weights(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
     """Two processes x 4 devices against one process x 8 devices, on data the pair prepares: process 1 is killed
     as it feeds step 6 (after checkpoint 3), process 0 then stops within the heartbeat bound naming it, and the same
-    command re-run on both resumes at step 3 and ends with the single process's batches, losses and weights."""
+    command re-run on both (process 0 setting a damaged newer checkpoint aside) resumes at step 3 and ends with the
+    single process's batches, losses and weights."""
     data_dir, pair_run, single_run = tmp_path / "data" / "cpu-tiny", tmp_path / "pair", tmp_path / "single"
     pair_record, single_record = tmp_path / "pair.jsonl", tmp_path / "single.jsonl"
 
@@ -150,6 +151,7 @@ def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
     assert [r["step"] for r in map(json.loads, (pair_run / "metrics.jsonl").read_text().splitlines())
             if r.get("loss") is not None][:3] == [1, 2, 3]
 
+    (rundir.checkpoint_dir(pair_run) / "9").mkdir()  # a damaged checkpoint newer than the last good one
     single = launch(1, tmp_path, single_run, single_record)
     resumed = launch(2, tmp_path, pair_run, pair_record)
     results = finish(resumed + single)
@@ -157,6 +159,9 @@ def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
         assert status == 0, out[-3000:]
     for _, out in results[:2]:
         assert f"resuming {pair_run} at step 3 of {STEPS}" in out, out[-3000:]
+    # Process 0 set it aside before the other looked (which then never met it).
+    [aside] = rundir.checkpoint_dir(pair_run).glob("9.damaged-*")
+    assert f"set aside as {aside}" in results[0][1] and "cannot be restored" not in results[1][1]
 
     pair_batches, single_batches = fed_batches(pair_record), fed_batches(single_record)
     assert sorted(single_batches) == list(range(STEPS))
