@@ -61,12 +61,15 @@ from model import (
     count_params,
     flops_per_token,
     generate,
+    global_batch,
     make_gen_model_input,
     make_loss_fn,
     make_mesh,
     maybe_initialize_distributed,
     padded_prompt_length,
     peak_flops,
+    process_rows,
+    wait_for_all_processes,
 )
 from tunix_adapter import SFTTrainer
 
@@ -131,20 +134,22 @@ def _learning_rate_variable(optimizer: nnx.Optimizer) -> nnx.Variable:
 
 class MetricsLog:
     """metrics.jsonl: one JSON record a line, append-only. A torn last line (a kill mid-write) is ended first, so it
-    stays one unreadable line instead of spoiling the next record."""
+    stays one unreadable line instead of spoiling the next record. Without a path (a process other than process 0,
+    which alone writes the run's files) records go nowhere."""
 
-    def __init__(self, path: Path):
-        torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-        self.handle = path.open("a")
-        if torn:
+    def __init__(self, path: Path | None):
+        self.handle = None if path is None else path.open("a")
+        if path is not None and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n":
             self.handle.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        if self.handle is not None:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -388,11 +393,11 @@ class RunHooks(hooks.TrainingHooks):
         self.show_progress = cfg.run.log_every_s > 0 and not sys.stdout.isatty()
         self.last_progress: float | None = None
 
-    def count(self, step: int, batch: dict[str, np.ndarray]) -> None:
-        """The feeder reports each batch it feeds; the rates come from these counts."""
+    def count(self, step: int, tokens: int, loss_tokens: int) -> None:
+        """The feeder reports the tokens of each global batch it feeds; the rates come from these counts."""
         counts = self.step_tokens.setdefault(step, [0, 0])
-        counts[0] += int(np.count_nonzero(batch["segment_ids"]))
-        counts[1] += int(np.count_nonzero(batch["loss_mask"]))
+        counts[0] += tokens
+        counts[1] += loss_tokens
 
     def maybe_probe(self, train_ctx: Any, final: bool = False) -> float:
         """Runs the format probe when due and there is time left; returns the seconds it took."""
@@ -418,8 +423,8 @@ class RunHooks(hooks.TrainingHooks):
             self.budget.step_started[step - 1] += spent
         self.budget.mark_step_start(step)
         lr = _learning_rate_variable(train_ctx.optimizer)
-        lr.set_value(jax.device_put(jnp.asarray(self.plan.learning_rate(step), jnp.float32),
-                                    lr.get_value().sharding))
+        # From the host, the same value on every process (a device array would live on one process's device).
+        lr.set_value(jax.device_put(np.float32(self.plan.learning_rate(step)), lr.get_value().sharding))
 
     def on_train_step_end(self, train_ctx, train_step, train_loss):
         step = train_step - 1  # PeftTrainer reports steps 1-based, one step late
@@ -501,20 +506,21 @@ class TimedCheckpoints:
 
 
 class BatchFeeder(hooks.DataHooks):
-    """Feeds the trainer from the resumable grain iterator, and ends the loop early when the budget says so."""
+    """Feeds the trainer global batches assembled from every process's rows of the resumable grain iterator, and
+    ends the loop early when the budget says so."""
 
-    def __init__(self, iterator: Any, eval_batches: list[dict[str, np.ndarray]], budget: TimeBudget,
-                 run_hooks: RunHooks, grad_accum: int):
+    def __init__(self, iterator: Any, eval_batches: list[dict[str, jax.Array]], budget: TimeBudget,
+                 run_hooks: RunHooks, grad_accum: int, sharding: jax.sharding.Sharding, batch_size: int):
         self.iterator, self.eval_batches, self.budget, self.run_hooks = iterator, eval_batches, budget, run_hooks
-        self.grad_accum = grad_accum
+        self.grad_accum, self.sharding, self.batch_size = grad_accum, sharding, batch_size
         self.eval_index = 0
 
     def load_next_train_batch(self, train_ctx):
         if train_ctx.iter_steps % self.grad_accum == 0 and self.budget.should_stop():
             return None
         batch = next(self.iterator)
-        self.run_hooks.count(train_ctx.train_steps, batch)
-        return batch
+        self.run_hooks.count(train_ctx.train_steps, *(batch.pop(name) for name in data_prep.GLOBAL_COUNTS))
+        return global_batch(batch, self.sharding, self.batch_size)
 
     def load_next_eval_batch(self, train_ctx):
         if self.eval_index == len(self.eval_batches):
@@ -609,10 +615,10 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
         session_start_step = resume_plan(trainer, plan, run_dir)
         budget = TimeBudget(started + cfg.run.time_budget_min * 60 if cfg.run.time_budget_min else None,
                             cfg.run.save_reserve_s, clock, started, trainer.restored_metadata.get("save_s"))
-        metrics = MetricsLog(run_dir / "metrics.jsonl")
+        metrics = MetricsLog(run_dir / "metrics.jsonl" if jax.process_index() == 0 else None)
         probe = make_format_probe(cfg, model, data_dir)
         run_hooks = RunHooks(cfg, plan, budget, metrics, probe)
-        feeder = connect_run(trainer, cfg, data_dir, plan, budget, run_hooks)
+        feeder = connect_run(trainer, cfg, data_dir, mesh, plan, budget, run_hooks)
         try:
             train_until_done_or_stopped(trainer, plan, budget, feeder, run_dir)
         finally:
@@ -623,8 +629,9 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
     records = read_metrics(run_dir / "metrics.jsonl")
     summary = run_summary(cfg, run_dir, trainer, plan, budget, records, windows, data_steps, session_start_step,
                           compile_log, clock)
-    (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses(records, run_dir / "loss_curve.png")
+    if jax.process_index() == 0:
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(records, run_dir / "loss_curve.png")
     if cfg.run.multi_session and not summary["plan_done"]:
         print(f"session over at step {trainer.train_steps} of {plan.total_steps} "
               f"({100 * summary['plan_progress']:.0f}% of the plan): re-run the same command to continue")
@@ -634,13 +641,26 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
 def prepare_run(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path | None) -> tuple[Path, int | None]:
     """The prepared data and the checks that this run can start or resume (before any model is built, leaving
     an existing config.json alone when it cannot); writes config.json. Returns the data directory and the
-    ``--init-from`` step to start from (None when resuming or starting fresh)."""
-    data_dir = data_dir or data_prep.prepare(cfg)
-    resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
+    ``--init-from`` step to start from (None when resuming or starting fresh). With several processes, process 0
+    prepares the data and sets damaged checkpoints aside while the others wait, and alone writes config.json."""
+    first, alone = jax.process_index() == 0, jax.process_count() == 1
+    if cfg.run.time_budget_min and not alone:
+        raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
+                          f"{jax.process_count()} processes by its own clock, at different steps: pass "
+                          "--time-budget-min 0 (and --max-steps N to end earlier)")
+    if first:
+        data_dir = data_dir or data_prep.prepare(cfg)
+        resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
+    wait_for_all_processes("tunix_sft_data_prepared", cfg.run.data_wait_min * 60,
+                           "process 0 to prepare the data and check the run directory (raise --run.data_wait_min)")
+    if not first:
+        data_dir = data_dir or data_prep.prepare(cfg, show_progress=False)  # found prepared, unless on another disk
+        resume_step = newest_good_step(run_dir)  # process 0 has set the damaged ones aside
     check_training_start(cfg, resume_step is not None, data_dir)
     init_step = checkpoint_step(cfg.run.init_from) if cfg.run.init_from and resume_step is None else None
-    (run_dir / "config.json").write_text(json.dumps(
-        {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
+    if first:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
     return data_dir, init_step
 
 
@@ -684,17 +704,20 @@ def make_format_probe(cfg: Config, model: nnx.Module, data_dir: Path) -> FormatP
                        data_prep.resolve_max_new_tokens(cfg, data_dir))
 
 
-def connect_run(trainer: SFTTrainer, cfg: Config, data_dir: Path, plan: StepPlan, budget: TimeBudget,
-                run_hooks: RunHooks) -> BatchFeeder:
-    """Wires the run into the trainer: the data (from the checkpoint's position), timed checkpoints that carry
-    that position and the plan, and the hooks."""
-    per_process_batch = cfg.run.micro_batch // jax.process_count()
-    iterator = data_prep.train_loader(data_dir, per_process_batch, cfg.data.seed,
-                                      shard_index=jax.process_index(), shard_count=jax.process_count())
+def connect_run(trainer: SFTTrainer, cfg: Config, data_dir: Path, mesh: jax.sharding.Mesh, plan: StepPlan,
+                budget: TimeBudget, run_hooks: RunHooks) -> BatchFeeder:
+    """Wires the run into the trainer: the data (from the checkpoint's position; every process reads its own rows
+    of each global batch, those its devices hold under Tunix's data sharding), timed checkpoints that carry that
+    position and the plan, and the hooks."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*trainer.config.data_sharding_axis))
+    rows = process_rows(sharding, cfg.run.micro_batch)
+    iterator = data_prep.train_loader(data_dir, cfg.run.micro_batch, cfg.data.seed, rows)
     if "data_iterator" in trainer.restored_metadata:
         iterator.set_state(trainer.restored_metadata["data_iterator"])
-    eval_batches = data_prep.eval_batches(data_dir, per_process_batch)[:cfg.run.eval_batches]
-    feeder = BatchFeeder(iterator, eval_batches, budget, run_hooks, cfg.run.grad_accum)
+    eval_batches = [global_batch(batch, sharding, cfg.run.micro_batch) for batch in data_prep.eval_batches(
+        data_dir, cfg.run.micro_batch, rows)[:cfg.run.eval_batches]]
+    feeder = BatchFeeder(iterator, eval_batches, budget, run_hooks, cfg.run.grad_accum, sharding,
+                         cfg.run.micro_batch)
     trainer.checkpoint_manager = TimedCheckpoints(trainer.checkpoint_manager, budget, plan)
     trainer.checkpoint_metadata = lambda: {"data_iterator": iterator.get_state(), "planned_steps": plan.total_steps,
                                            "save_s": max(budget.save_times, default=None)}
@@ -706,8 +729,11 @@ def connect_run(trainer: SFTTrainer, cfg: Config, data_dir: Path, plan: StepPlan
 def train_until_done_or_stopped(trainer: SFTTrainer, plan: StepPlan, budget: TimeBudget, feeder: BatchFeeder,
                                 run_dir: Path) -> None:
     """Trains to the end of the plan, or until the budget or SIGTERM stops it at a step boundary; the trainer
-    saves its final checkpoint either way."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(budget, "stop_requested", True))
+    saves its final checkpoint either way. One process alone stops at a step boundary on SIGTERM; several would
+    stop at different steps (the others then lose the one that stopped at the next collective): there SIGTERM
+    ends the process and the run resumes from its last checkpoint."""
+    stop = (lambda *_: setattr(budget, "stop_requested", True)) if jax.process_count() == 1 else signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         if trainer.train_steps < plan.total_steps:
             trainer.train(feeder.iterator, feeder.eval_batches)  # the feeder supplies both; these switch eval on
@@ -755,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg, args = settings_from_argv(argv, "train_sft", __doc__)
     try:
-        maybe_initialize_distributed()
+        maybe_initialize_distributed(cfg.run)
         explicit_data = "data.out_dir" in args.overrides  # prepared data given (checked by the preflight)
         summary = train(cfg, Path(cfg.data.out_dir) if explicit_data else None, started=process_start_time())
     except ConfigError as err:
