@@ -38,6 +38,7 @@ from tunix.generate.utils import next_power_of_2
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 
+import tunix_adapter
 from chat_format import END_OF_TURN, build_prompt, tokens_after_answer
 from config import (
     Config,
@@ -206,8 +207,8 @@ def _convert_kaggle_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> 
             model = gemma_lib.module_from_linen_variables(
                 module_factory=lambda: gemma_lib.Gemma(gemma_config(model_cfg), rngs=nnx.Rngs(params=0)),
                 variables=params["transformer"],
-                map_key_fn=gemma_lib._map_linen_var_names,  # from_params knows only the published sizes
-                assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+                map_key_fn=tunix_adapter.map_linen_var_names,  # from_params knows only the published sizes
+                assign_val_fn=tunix_adapter.assign_linen_params_to_nnx_state)
         except ValueError as err:  # a tensor the model does not have
             raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} "
                               f"({str(err).splitlines()[0]}): use the checkpoint of that model") from None
@@ -286,9 +287,7 @@ def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
 # training and eval-loss forward passes (no KV cache) hand that part to JAX's Pallas TPU splash kernel instead.
 # The model gets the packed rows' segment ids (a ``PackedSegments``) where Tunix takes its [B, T, S] mask; with a
 # cache (decoding) or a mask (the "xla" setting) the swapped method is Tunix's own, unchanged.
-# tests/test_attention.py pins the Tunix version and the source of the method replaced here.
-
-TUNIX_ATTENTION_BLOCK = gemma_lib.Attention.block
+# tunix_adapter.py pins the Tunix version and the source of the method replaced here (its ``ATTENTION_BLOCK``).
 
 
 @jax.tree_util.register_dataclass
@@ -303,7 +302,7 @@ class PackedSegments:
 
 def _context_mesh() -> Any:
     """The mesh the step runs under: Tunix's legacy ``with mesh:`` (the trainer) or ``jax.set_mesh``; None outside."""
-    mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+    mesh = tunix_adapter.legacy_mesh()
     mesh = jax.sharding.get_abstract_mesh() if mesh.empty else mesh
     return None if mesh.empty else mesh
 
@@ -352,7 +351,7 @@ def _attention_block(self: gemma_lib.Attention, x: jax.Array, segment_pos: jax.A
     """Tunix's ``Attention.block`` with its scores, soft-cap, mask, softmax and value sum done by
     ``splash_attention`` when given ``PackedSegments`` without a cache; Tunix's own method otherwise."""
     if not isinstance(attn_mask, PackedSegments):
-        return TUNIX_ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
+        return tunix_adapter.ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
     if cache is not None:
         raise ValueError("packed segment ids are for cache-free forward passes: decode with Tunix's mask")
     # As Tunix 0.1.7 computes them: projections (qwix adds LoRA to these einsums), RoPE, the query scale.

@@ -47,6 +47,7 @@ from tunix.sft import sharding_utils  # noqa: E402
 import data_prep  # noqa: E402
 import model  # noqa: E402
 import train_sft  # noqa: E402
+import tunix_adapter  # noqa: E402
 from config import Config, ConfigError, get_config, parse_overrides  # noqa: E402
 
 RESULTS_PATH = Path(__file__).with_name("results_tpu_fit.md")
@@ -93,7 +94,7 @@ def sharding_constraints_kept() -> Iterator[None]:
     original = gemma_lib.shard
 
     def shard(x: jax.Array, s: tuple[str, ...]) -> jax.Array:
-        mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+        mesh = tunix_adapter.legacy_mesh()
         if mesh.empty:
             return x
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)))
