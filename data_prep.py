@@ -32,7 +32,7 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -310,6 +310,8 @@ def _array_path(data_dir: Path, split: str, name: str) -> Path:
 ARRAY_NAMES = ("tokens", "loss_mask", "row_offsets", "window_offsets")
 # The arrays of one batch, each int32[batch, max_len].
 BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
+# The counts a training batch also carries, of the whole global batch: tokens and loss tokens.
+GLOBAL_COUNTS = ("tokens_total", "loss_tokens_total")
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -624,34 +626,54 @@ class PackedWindows:
         window["positions"][:n] = np.arange(n) - np.repeat(row_starts[:-1] - begin, row_lengths)
         return window
 
+    def counts(self, index: int) -> tuple[int, int]:
+        """Tokens and loss tokens of a window, reading only its loss mask."""
+        first_row, end_row = self.arrays["window_offsets"][index:index + 2]
+        begin, end = self.arrays["row_offsets"][first_row], self.arrays["row_offsets"][end_row]
+        return int(end - begin), int(np.count_nonzero(self.arrays["loss_mask"][begin:end]))
+
 
 def num_windows(data_dir: str | Path, split: str = "train") -> int:
     """Packed windows (training rows after packing) in a split: one epoch is this many rows."""
     return read_manifest(data_dir)["counts"][f"{split}_windows"]
 
 
-def train_loader(data_dir: str | Path, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+def train_loader(data_dir: str | Path, batch_size: int, seed: int, rows: Sequence[int] | None = None
                  ) -> grain.DatasetIterator:
-    """Endless batches of training windows, reshuffled each epoch; ``get_state()``/``set_state()`` resume it.
+    """Endless global batches of ``batch_size`` training windows, reshuffled each epoch (an epoch may end inside a
+    batch: none is dropped); ``get_state()``/``set_state()`` resume it.
 
-    Each process reads its own disjoint shard of windows; batch_size is per process.
+    Every process walks the same global order and reads only its own ``rows`` of each batch (all by default), so
+    the global batches are the same whatever the number of processes. Each batch also carries the token and loss
+    token counts of the whole global batch (``GLOBAL_COUNTS``), for the rates every process reports alike.
     """
-    windows = grain.MapDataset.source(PackedWindows(data_dir, "train"))[shard_index::shard_count]
-    if len(windows) < batch_size:
-        raise ConfigError(f"shard {shard_index}/{shard_count} of {data_dir} has {len(windows)} windows, "
-                          f"fewer than one batch of {batch_size}: prepare more rows or lower the batch")
-    batches = windows.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    source = PackedWindows(data_dir, "train")
+    if len(source) < batch_size:
+        raise ConfigError(f"{data_dir} has {len(source)} training windows, fewer than one batch of {batch_size}: "
+                          f"prepare more rows or lower the batch")
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+
+    def read(indices: np.ndarray) -> dict[str, Any]:
+        windows = [source[int(i)] for i in indices[rows]]
+        batch: dict[str, Any] = {name: np.stack([w[name] for w in windows]) for name in BATCH_FIELDS}
+        batch.update(zip(GLOBAL_COUNTS, np.sum([source.counts(int(i)) for i in indices], axis=0).tolist(), strict=True))
+        return batch
+
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat().batch(batch_size).map(read)
     # A window is a few memory-mapped slices: two threads and a short read-ahead keep up with any step
     # without grain's default 16 threads competing with the trainer for the host's cores.
-    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)))
+    return iter(order.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)))
 
 
-def eval_batches(data_dir: str | Path, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Every eval window once, in stored order; the last batch is filled with all-padding windows (loss_mask 0)."""
+def eval_batches(data_dir: str | Path, batch_size: int, rows: Sequence[int] | None = None
+                 ) -> list[dict[str, np.ndarray]]:
+    """Every eval window once, in stored order, in global batches of which this process holds ``rows`` (all by
+    default); the last batch is filled with all-padding windows (loss_mask 0)."""
     source = PackedWindows(data_dir, "eval")
     windows = [source[i] for i in range(len(source))]
     windows += [padding_window(source.max_len)] * (-len(windows) % batch_size)
-    return [{name: np.stack([w[name] for w in windows[i:i + batch_size]]) for name in BATCH_FIELDS}
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+    return [{name: np.stack([windows[i + r][name] for r in rows]) for name in BATCH_FIELDS}
             for i in range(0, len(windows), batch_size)]
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from config import (
     ConfigError,
     EvalConfig,
     ModelConfig,
+    RunConfig,
 )
 from kaggle_weights import kaggle_checkpoint_dir
 
@@ -58,10 +60,77 @@ PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v
 # ----------------------------------------------------------------------------- mesh and model
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host TPU slices and GPU clusters announce themselves through the environment."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+def maybe_initialize_distributed(r: RunConfig) -> None:
+    """Joins the other JAX processes of a multi-host run (before JAX touches a device): ``run.coordinator`` names
+    process 0, or "auto" lets JAX find a TPU pod slice's hosts (GKE and Slurm also announce themselves in the
+    environment). A process that stops answering for ``run.heartbeat_timeout_s`` ends every other one: the runtime
+    aborts them with "Terminating process because the JAX distributed service detected fatal errors", naming the
+    silent task (tests/test_multihost.py)."""
+    coordinator = r.coordinator or ("auto" if os.environ.get("JAX_COORDINATOR_ADDRESS")
+                                    or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") else "")
+    if not coordinator:
+        return
+    timeouts = dict(initialization_timeout=r.join_timeout_s, heartbeat_timeout_seconds=r.heartbeat_timeout_s,
+                    shutdown_timeout_seconds=r.join_timeout_s)
+    if coordinator == "auto":
+        jax.distributed.initialize(**timeouts)
+    else:
+        _check_coordinator(coordinator, r.process_id, r.join_timeout_s)
+        jax.distributed.initialize(coordinator, r.num_processes, r.process_id, **timeouts)
+    print(f"process {jax.process_index()} of {jax.process_count()} joined the run ({jax.local_device_count()} "
+          f"local devices of {jax.device_count()})", flush=True)
+
+
+def _check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """The runtime aborts with a stack trace when it cannot reach the coordinator: check first, with one line.
+    Process 0 must be able to listen on the port; the others wait up to timeout_s for it to listen."""
+    host, port = address.rsplit(":", 1)
+    if process_id == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind(("", int(port)))
+            except OSError as err:
+                raise ConfigError(f"process 0 cannot listen on port {port} of --run.coordinator {address} "
+                                  f"({err.strerror}): pick a free port") from None
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"process {process_id} cannot reach the coordinator {address} (process 0) after "
+                                  f"{timeout_s:.0f} s ({err.strerror or err}): start process 0 with the same "
+                                  f"--run.coordinator, or fix the address") from None
+            time.sleep(0.5)
+
+
+def wait_for_all_processes(name: str, timeout_s: float, waiting_for: str) -> None:
+    """A barrier of every process (nothing with one process); a wait longer than timeout_s stops with one line."""
+    if jax.process_count() == 1:
+        return
+    try:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+    except jax.errors.JaxRuntimeError as err:
+        raise ConfigError(f"process {jax.process_index()} waited {timeout_s:.0f} s for {waiting_for} in vain "
+                          f"({str(err).splitlines()[0][:120]}): see process 0's output") from None
+
+
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+    """The rows of a [batch_size, ...] global batch that this process's devices hold, in the order
+    ``jax.make_array_from_process_local_data`` expects this process's rows (by their first global row)."""
+    shard_rows = sharding.shard_shape((batch_size,))[0]
+    starts = sorted({index[0].start or 0 for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    return np.concatenate([np.arange(start, start + shard_rows) for start in starts])
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding, batch_size: int
+                 ) -> dict[str, jax.Array]:
+    """One global batch from every process's own rows (``process_rows``). Tunix's own helper infers the global
+    shape from the local one and replicates a batch whose local rows do not divide by the mesh (4 rows on fsdp 8)."""
+    return {name: jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+            for name, rows in local.items()}
 
 
 def make_mesh(cfg: Config) -> jax.sharding.Mesh:

@@ -62,12 +62,15 @@ from model import (
     count_params,
     flops_per_token,
     generate,
+    global_batch,
     make_gen_model_input,
     make_loss_fn,
     make_mesh,
     maybe_initialize_distributed,
     padded_prompt_length,
     peak_flops,
+    process_rows,
+    wait_for_all_processes,
 )
 
 # Tunix 0.1.7's trainer and model read the mesh from the legacy `with mesh:` context (jax.set_mesh does not set it).
@@ -233,7 +236,8 @@ class RunMonitor(hooks.TrainingHooks):
                  save_seconds: float | None = None):
         self.cfg, self.plan, self.deadline, self.clock = cfg, plan, deadline, clock
         self.started = clock() if started is None else started  # when the budget began
-        self.jsonl = open_log(run_dir / "metrics.jsonl")
+        # Process 0 alone writes the run's own files; the others compute the same records.
+        self.jsonl = open_log(run_dir / "metrics.jsonl") if jax.process_index() == 0 else None
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.max_len)
         self.peak = peak_flops(cfg)
         self.step_started: dict[int, float] = {}  # optimizer step (0-based) -> when its first micro-batch went in
@@ -251,11 +255,11 @@ class RunMonitor(hooks.TrainingHooks):
         self.show_progress = cfg.run.log_every_s > 0 and not sys.stdout.isatty()
         self.last_progress: float | None = None
 
-    def count(self, step: int, batch: dict[str, np.ndarray]) -> None:
-        """The feeder reports each batch it feeds; the rates come from these counts."""
+    def count(self, step: int, tokens: int, loss_tokens: int) -> None:
+        """The feeder reports the tokens of each global batch it feeds; the rates come from these counts."""
         counts = self.step_tokens.setdefault(step, [0, 0])
-        counts[0] += int(np.count_nonzero(batch["segment_ids"]))
-        counts[1] += int(np.count_nonzero(batch["loss_mask"]))
+        counts[0] += tokens
+        counts[1] += loss_tokens
 
     def step_seconds(self) -> float | None:
         """The typical step time, from steps after the compiling first one."""
@@ -315,8 +319,8 @@ class RunMonitor(hooks.TrainingHooks):
                 self.step_started[step - 1] += spent
         self.mark_step_start(step)
         lr = _learning_rate_variable(train_ctx.optimizer)
-        lr.set_value(jax.device_put(jnp.asarray(self.plan.learning_rate(step), jnp.float32),
-                                    lr.get_value().sharding))
+        # From the host, the same value on every process (a device array would live on one process's device).
+        lr.set_value(jax.device_put(np.float32(self.plan.learning_rate(step)), lr.get_value().sharding))
 
     def on_train_step_end(self, train_ctx, train_step, train_loss):
         step = train_step - 1  # PeftTrainer reports steps 1-based, one step late
@@ -381,8 +385,9 @@ class RunMonitor(hooks.TrainingHooks):
             self.pending_eval[train_ctx.train_steps] = loss
 
     def write(self, record: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
 
     def on_train_end(self, train_ctx):
         if self.format_probe:
@@ -463,19 +468,21 @@ class TimedCheckpoints:
 
 
 class BatchFeeder(hooks.DataHooks):
-    """Feeds the trainer from the resumable grain iterator, and ends the loop early when told to."""
+    """Feeds the trainer global batches assembled from every process's rows of the resumable grain iterator, and
+    ends the loop early when told to."""
 
-    def __init__(self, iterator: Any, eval_batches: list[dict[str, np.ndarray]], monitor: RunMonitor,
-                 grad_accum: int):
+    def __init__(self, iterator: Any, eval_batches: list[dict[str, jax.Array]], monitor: RunMonitor,
+                 grad_accum: int, sharding: jax.sharding.Sharding, batch_size: int):
         self.iterator, self.eval_batches, self.monitor, self.grad_accum = iterator, eval_batches, monitor, grad_accum
+        self.sharding, self.batch_size = sharding, batch_size
         self.eval_index = 0
 
     def load_next_train_batch(self, train_ctx):
         if train_ctx.iter_steps % self.grad_accum == 0 and self.monitor.should_stop():
             return None
         batch = next(self.iterator)
-        self.monitor.count(train_ctx.train_steps, batch)
-        return batch
+        self.monitor.count(train_ctx.train_steps, *(batch.pop(name) for name in data_prep.GLOBAL_COUNTS))
+        return global_batch(batch, self.sharding, self.batch_size)
 
     def load_next_eval_batch(self, train_ctx):
         if self.eval_index == len(self.eval_batches):
@@ -593,15 +600,27 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
 
 def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path | None, started: float,
                   clock: Callable[[], float]) -> dict[str, Any]:
-    data_dir = data_dir or data_prep.prepare(cfg)
+    first, alone = jax.process_index() == 0, jax.process_count() == 1
+    if cfg.run.time_budget_min and not alone:
+        raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
+                          f"{jax.process_count()} processes by its own clock, at different steps: pass "
+                          "--time-budget-min 0 (and --max-steps N to end earlier)")
+    if first:  # one process prepares the data and sets damaged checkpoints aside while the others wait
+        data_dir = data_dir or data_prep.prepare(cfg)
+        resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
+    wait_for_all_processes("tunix_sft_data_prepared", cfg.run.data_wait_min * 60,
+                           "process 0 to prepare the data and check the run directory (raise --run.data_wait_min)")
+    if not first:
+        data_dir = data_dir or data_prep.prepare(cfg, show_progress=False)  # found prepared, unless on another disk
+        resume_step = newest_good_step(run_dir)  # process 0 has set the damaged ones aside
     windows = data_prep.num_windows(data_dir, "train")
-    resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
     # A run that cannot resume this one stops before any model is built, and leaves its config.json alone.
     check_training_start(cfg, resume_step is not None, data_dir)
     init_step = checkpoint_step(cfg.run.init_from) if cfg.run.init_from and resume_step is None else None
     probe_prompts = held_out_prompts(data_dir, cfg.eval.generate_prompts) if cfg.eval.generate_every else []
-    (run_dir / "config.json").write_text(json.dumps(
-        {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
+    if first:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
     mesh = make_mesh(cfg)
 
     cache_dir = Path(cfg.run.compile_cache_dir).expanduser() if cfg.run.compile_cache_dir else run_dir / "jax_cache"
@@ -640,18 +659,24 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
         if probe_prompts:
             monitor.format_probe = FormatProbe(cfg, model, data_prep.load_tokenizer(cfg.model), probe_prompts,
                                                data_prep.resolve_max_new_tokens(cfg, data_dir))
-        per_process_batch = cfg.run.micro_batch // jax.process_count()
-        iterator = data_prep.train_loader(data_dir, per_process_batch, cfg.data.seed,
-                                          shard_index=jax.process_index(), shard_count=jax.process_count())
+        # Every process reads its own rows of each global batch: those its devices hold under Tunix's data sharding.
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*trainer.config.data_sharding_axis))
+        rows = process_rows(sharding, cfg.run.micro_batch)
+        iterator = data_prep.train_loader(data_dir, cfg.run.micro_batch, cfg.data.seed, rows)
         if "data_iterator" in restored:
             iterator.set_state(restored["data_iterator"])
-        eval_batches = data_prep.eval_batches(data_dir, per_process_batch)[:cfg.run.eval_batches]
-        trainer.feeder = BatchFeeder(iterator, eval_batches, monitor, cfg.run.grad_accum)
+        eval_batches = [global_batch(batch, sharding, cfg.run.micro_batch) for batch in data_prep.eval_batches(
+            data_dir, cfg.run.micro_batch, rows)[:cfg.run.eval_batches]]
+        trainer.feeder = BatchFeeder(iterator, eval_batches, monitor, cfg.run.grad_accum, sharding,
+                                     cfg.run.micro_batch)
         trainer.plan = plan
         trainer.with_training_hooks(monitor)
         trainer.with_data_hooks(trainer.feeder)
 
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(monitor, "stop_requested", True))
+        # One process alone stops at a step boundary on SIGTERM; several would stop at different steps (the others
+        # then lose the one that stopped at the next collective): there SIGTERM ends the process and the run resumes.
+        on_sigterm = (lambda *_: setattr(monitor, "stop_requested", True)) if alone else signal.SIG_DFL
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             if trainer.train_steps < plan.total_steps:
                 trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
@@ -660,7 +685,8 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
                 trainer.close()
         finally:
             signal.signal(signal.SIGTERM, previous)
-            monitor.jsonl.close()
+            if monitor.jsonl is not None:
+                monitor.jsonl.close()
 
     if lock is not None:
         keep_newest_checkpoints(run_dir, cfg.run.checkpoints_to_keep)
@@ -687,8 +713,9 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
         "compiles": compile_log.summary({"train_step": "_train_step", "eval_step": "_eval_step"}),
         "compile_s_total": round(sum(compile_log.seconds.values()), 3),
     }
-    (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses(records, run_dir / "loss_curve.png")
+    if first:
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(records, run_dir / "loss_curve.png")
     if cfg.run.multi_session and not plan_done:
         print(f"session over at step {trainer.train_steps} of {plan.total_steps} "
               f"({100 * summary['plan_progress']:.0f}% of the plan): re-run the same command to continue")
@@ -704,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg, args = settings_from_argv(argv, "train_sft", __doc__)
     try:
-        maybe_initialize_distributed()
+        maybe_initialize_distributed(cfg.run)
         explicit_data = "data.out_dir" in args.overrides  # prepared data given (checked by the preflight)
         summary = train(cfg, Path(cfg.data.out_dir) if explicit_data else None, started=process_start_time())
     except ConfigError as err:
