@@ -128,6 +128,7 @@ def lora_weights(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_survive_a_lost_process_and_resume(tmp_path):
     """Two processes x 4 devices against one process x 8 devices, on data the pair prepares: process 1 is killed
     as it feeds step 6 (after checkpoint 3), process 0 then stops within the heartbeat bound naming it, and the same
