@@ -51,8 +51,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # Where the Kaggle checkpoint, converted once to an NNX checkpoint, is cached.
     cache_dir: str = "~/.cache/tunix_sft"
-    # Activation rematerialisation: "none", "block" or "decoder" (Tunix's: each recomputes all it covers), or "dots"
-    # (the decoder layer keeps its matmul and splash outputs and recomputes only norms, RoPE, GELU and products).
+    # Activation rematerialisation: "none", "block" or "decoder".
     remat: str = "none"
     # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
     # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
@@ -426,8 +425,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--model.name {m.name!r} is unknown: use gemma2-2b-it or tiny")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
-    if m.remat not in ("none", "block", "decoder", "dots"):
-        raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block, decoder or dots")
+    if m.remat not in ("none", "block", "decoder"):
+        raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
     if m.loss_chunk < 0:
         raise ConfigError(f"--model.loss_chunk {m.loss_chunk} must not be negative: use 0 (full logits) or more")
     sizes = model_sizes(m)

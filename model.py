@@ -158,9 +158,7 @@ def gemma_config(model_cfg: ModelConfig) -> gemma_lib.ModelConfig:
             attention_types=[gemma_lib.AttentionType.LOCAL_SLIDING, gemma_lib.AttentionType.GLOBAL]
             * (model_cfg.num_layers // 2) + [gemma_lib.AttentionType.LOCAL_SLIDING] * (model_cfg.num_layers % 2),
             attn_logits_soft_cap=50.0, sliding_window_size=model_cfg.sliding_window)
-    # A policy's name stands in Tunix's remat field, where Tunix's own checks see no remat (_decoder_layer_call).
-    mc.remat_config = (model_cfg.remat if model_cfg.remat in REMAT_POLICIES
-                       else gemma_lib.RematConfig[model_cfg.remat.upper()])
+    mc.remat_config = gemma_lib.RematConfig[model_cfg.remat.upper()]
     return mc
 
 
@@ -375,43 +373,6 @@ def _attention_block(self: gemma_lib.Attention, x: jax.Array, segment_pos: jax.A
 
 
 gemma_lib.Attention.block = _attention_block
-
-
-# ----------------------------------------------------------------------------- selective remat
-# Tunix's RematConfig recomputes everything a remat covers. ``model.remat`` "dots" rematerialises each decoder layer
-# under a jax checkpoint policy instead: the backward pass recomputes only the cheap elementwise work (norms, RoPE,
-# GELU, products, residual sums) from the saved matmul outputs, so the per-token activations kept are fewer.
-
-# A matmul contracting fewer elements (LoRA's B, over the rank) is cheaper to redo than its output is to store and
-# read back: 2 x K FLOPs against 4 bytes per bf16 element, and a v5e chip does about 240 FLOPs per HBM byte.
-MIN_SAVED_CONTRACTION = 512
-
-
-def _save_matmul_outputs(prim: Any, *args: Any, **params: Any) -> bool:
-    """Saves what a Pallas kernel (splash: rerunning its forward pass would cost a third kernel per layer) or a
-    batch-free matmul over at least MIN_SAVED_CONTRACTION elements (each frozen projection, LoRA's A) outputs."""
-    if prim.name == "pallas_call":
-        return True
-    if prim.name != "dot_general":
-        return False
-    (contracting, _), (batch, _) = params["dimension_numbers"]
-    return not batch and math.prod(args[0].shape[axis] for axis in contracting) >= MIN_SAVED_CONTRACTION
-
-
-REMAT_POLICIES = {"dots": _save_matmul_outputs}
-TUNIX_DECODER_LAYER_CALL = gemma_lib.DecoderLayer.__call__
-
-
-def _decoder_layer_call(self: gemma_lib.DecoderLayer, x: jax.Array, segment_pos: jax.Array, cache: Any,
-                        attn_mask: jax.Array | PackedSegments) -> tuple[Any, jax.Array]:
-    """Tunix's ``DecoderLayer.__call__``, or the layer rematerialised under the policy ``remat_config`` names."""
-    policy = REMAT_POLICIES.get(self.config.remat_config)
-    if policy is None:
-        return TUNIX_DECODER_LAYER_CALL(self, x, segment_pos, cache, attn_mask)
-    return nnx.remat(self.block.__func__, policy=policy)(self, x, segment_pos, cache, attn_mask)
-
-
-gemma_lib.DecoderLayer.__call__ = _decoder_layer_call
 
 
 # ----------------------------------------------------------------------------- loss
