@@ -302,10 +302,11 @@ def cost_with_loop_trips(compiled: Any) -> dict[str, float]:
     computations = parse_hlo(text)
     client = jax.devices("cpu")[0].client
     unknown = 0
+    without_entry = re.sub(r"^ENTRY ", "", re.sub(r"^HloModule [^\n]*", "HloModule loop_body", text, count=1),
+                           flags=re.M)
 
     def cost_of(body: str) -> np.ndarray:
-        module = re.sub(r"^ENTRY ", "", re.sub(r"^HloModule [^\n]*", "HloModule loop_body", text, count=1), flags=re.M)
-        module = re.sub(rf"^(%?{re.escape(body)} \()", r"ENTRY \1", module, count=1, flags=re.M)
+        module = re.sub(rf"^(%?{re.escape(body)} \()", r"ENTRY \1", without_entry, count=1, flags=re.M)
         body_cost = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(module))
         return np.array([float(body_cost.get(k, 0.0)) for k in ("flops", "bytes accessed")])
 
