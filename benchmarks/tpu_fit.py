@@ -213,7 +213,7 @@ def splash_kernel_cost(cfg: Config, n_chips: int) -> tuple[float, float]:
 
 
 # An optimized module's text: computations, each a header line ending in "{" and one instruction a line.
-COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.M | re.S)
+COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}$", re.M | re.S)
 INSTRUCTION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*?)\)(.*)$", re.M)
 
 
