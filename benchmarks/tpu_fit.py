@@ -302,11 +302,18 @@ def cost_with_loop_trips(compiled: Any) -> dict[str, float]:
     computations = parse_hlo(text)
     client = jax.devices("cpu")[0].client
     unknown = 0
-    without_entry = re.sub(r"^ENTRY ", "", re.sub(r"^HloModule [^\n]*", "HloModule loop_body", text, count=1),
-                           flags=re.M)
+    # The body's module keeps only the computations the body calls (the whole step's text is tens of MB).
+    blocks = {m[1]: m[0].removeprefix("ENTRY ") for m in COMPUTATION.finditer(text)}
+    calls = {name: set(re.findall(r"%([\w.\-]+)", block)) & blocks.keys() - {name} for name, block in blocks.items()}
+    header = re.sub(r"^HloModule [^\n]*", "HloModule loop_body", text[:COMPUTATION.search(text).start()], count=1)
 
     def cost_of(body: str) -> np.ndarray:
-        module = re.sub(rf"^(%?{re.escape(body)} \()", r"ENTRY \1", without_entry, count=1, flags=re.M)
+        keep, todo = set(), [body]
+        while todo:
+            keep.add(name := todo.pop())
+            todo.extend(calls[name] - keep)
+        module = header + "\n".join(("ENTRY " if name == body else "") + block
+                                     for name, block in blocks.items() if name in keep)
         body_cost = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(module))
         return np.array([float(body_cost.get(k, 0.0)) for k in ("flops", "bytes accessed")])
 
