@@ -1,13 +1,16 @@
 """Every setting of the pipeline: plain dataclasses, named presets, command-line overrides.
 
-Four presets share one code path and differ only in sizes, devices and where the
+The presets share one code path and differ only in the model, sizes, devices and where the
 weights come from:
 
 - ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k kept glaiveai rows (streamed from row 0), 4 epochs, lr 2e-5.
-- ``gpu``: the same run on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
-- ``unrestricted``: continues a ``kaggle`` run's LoRA on 100k kept rows that start where the kaggle
-  preparation stopped reading, lr 5e-6.
-- ``cpu-tiny``: a tiny random Gemma2-architecture model on the shipped sample, on a CPU.
+- ``kaggle-gemma3``: the same run with Gemma3-1B-it, the hackathon's other model.
+- ``gpu`` / ``gpu-gemma3``: the same runs on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
+- ``unrestricted``: continues a ``kaggle`` (or, with ``--init-from runs/kaggle-gemma3``, a ``kaggle-gemma3``)
+  run's LoRA on 100k kept rows that start where that run's preparation stopped reading, lr 5e-6; the model is
+  the one that run trained.
+- ``cpu-tiny`` / ``cpu-tiny-gemma3``: a tiny random Gemma2- / Gemma3-architecture model on the shipped sample,
+  on a CPU.
 
 Any field can be overridden as ``--section.field value`` (or ``--section.field=value``);
 a few common ones have short flags (``--out``, ``--data``, ``--max-steps``, ...).
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,19 @@ SAMPLE_PATH = ASSETS_DIR / "glaiveai_sample.jsonl"
 TINY_TOKENIZER_PATH = ASSETS_DIR / "tiny_tokenizer.model"
 
 LORA_MODULES = ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
-# The sizes of Gemma2-2B that the settings are checked against (tunix ModelConfig.gemma2_2b()).
-GEMMA2_2B_SIZES = {"num_layers": 26, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4, "sliding_window": 4096}
+# Each model's architecture, i.e. Tunix's modelling code (tunix.models.gemma, tunix.models.gemma3): the two models
+# the hackathon allows, and a tiny random model of each architecture (sizes from ModelConfig's fields).
+MODEL_FAMILIES = {"gemma2-2b-it": "gemma2", "gemma3-1b-it": "gemma3", "tiny": "gemma2", "tiny-gemma3": "gemma3"}
+# The real models' sizes that the settings are checked against (Tunix's ModelConfig.gemma2_2b_it() and
+# gemma3_1b_it()); vocab_size is the embedding's rows (Tunix pads Gemma2's 256,000 pieces to 256,128).
+REAL_MODEL_SIZES = {
+    "gemma2-2b-it": {"num_layers": 26, "vocab_size": 256_128, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4,
+                     "sliding_window": 4096},
+    "gemma3-1b-it": {"num_layers": 26, "vocab_size": 262_144, "embed_dim": 1152, "num_heads": 4, "num_kv_heads": 1,
+                     "sliding_window": 512},
+}
+# Each architecture's Kaggle Flax weights (the tiny model of an architecture names its folders the same way).
+KAGGLE_HANDLES = {"gemma2": "google/gemma-2/flax/gemma2-2b-it", "gemma3": "google/gemma-3/flax/gemma3-1b-it"}
 # Where train_sft.py keeps a run's orbax checkpoints, one folder per step.
 CHECKPOINT_SUBDIR = "checkpoints"
 EXPORT_FORMATS = ("orbax", "hf")
@@ -46,11 +61,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which Gemma2 to build and where its weights and tokenizer come from."""
+    """Which Gemma to build and where its weights and tokenizer come from."""
 
-    # "gemma2-2b-it" (Kaggle weights) or "tiny" (random init, sizes below).
+    # "gemma2-2b-it" or "gemma3-1b-it" (Kaggle weights), or "tiny" / "tiny-gemma3" (random init, sizes below).
     name: str = "gemma2-2b-it"
-    kaggle_handle: str = "google/gemma-2/flax/gemma2-2b-it"
+    # Empty means the model's own (KAGGLE_HANDLES).
+    kaggle_handle: str = ""
     # A local copy of the Kaggle Flax download; empty means download with kagglehub.
     checkpoint_dir: str = ""
     # sentencepiece model; empty means the one in the Kaggle download.
@@ -63,7 +79,7 @@ class ModelConfig:
     # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
     # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
     loss_chunk: int = 512
-    # Sizes of the "tiny" model (ignored for gemma2-2b-it).
+    # Sizes of the tiny models (ignored for the real ones).
     num_layers: int = 4
     vocab_size: int = 2048
     embed_dim: int = 128
@@ -73,6 +89,11 @@ class ModelConfig:
     head_dim: int = 32
     sliding_window: int = 512
     init_seed: int = 0
+
+
+def model_family(model_cfg: ModelConfig) -> str:
+    """The model's architecture: "gemma2" or "gemma3" (MODEL_FAMILIES)."""
+    return MODEL_FAMILIES[model_cfg.name]
 
 
 @dataclass
@@ -214,13 +235,24 @@ def _kaggle() -> Config:
     return cfg
 
 
-def _gpu() -> Config:
+def _kaggle_gemma3() -> Config:
+    """kaggle with Gemma3-1B-it: the same data, batch, steps and schedule (benchmarks/results_tpu_fit.md has what
+    it needs on a v5e chip)."""
+    cfg = _kaggle()
+    cfg.preset = "kaggle-gemma3"
+    cfg.model.name = "gemma3-1b-it"
+    cfg.data.out_dir = "data/kaggle-gemma3"
+    cfg.run.out_dir = "runs/kaggle-gemma3"
+    return cfg
+
+
+def _gpu(base: Callable[[], Config] = _kaggle, preset: str = "gpu") -> Config:
     """kaggle on one 80 GB NVIDIA GPU: micro-batch 4 x 8 accumulation (effective 32) with block remat needs
     about 31 GiB by the estimate in benchmarks/results_real_size.md; no session limit, so no time budget."""
-    cfg = _kaggle()
-    cfg.preset = "gpu"
-    cfg.data.out_dir = "data/gpu"
-    cfg.run.out_dir = "runs/gpu"
+    cfg = base()
+    cfg.preset = preset
+    cfg.data.out_dir = f"data/{preset}"
+    cfg.run.out_dir = f"runs/{preset}"
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 8
     cfg.model.remat = "block"  # what the memory estimate assumes; not yet measured on a GPU
@@ -228,7 +260,14 @@ def _gpu() -> Config:
     return cfg
 
 
+def _gpu_gemma3() -> Config:
+    """gpu with Gemma3-1B-it: its step needs less memory than Gemma2-2B's (11.6 against 14.1 GiB per v5e chip at
+    the kaggle shapes, benchmarks/results_tpu_fit.md), so gpu's batch and remat are kept; not measured on a GPU."""
+    return _gpu(_kaggle_gemma3, "gpu-gemma3")
+
+
 def _unrestricted() -> Config:
+    """Continues the run named by --init-from (runs/kaggle by default) with its model (``follow_init_from``)."""
     cfg = _kaggle()
     cfg.preset = "unrestricted"
     cfg.data.num_rows = 100_000
@@ -271,7 +310,22 @@ def _cpu_tiny() -> Config:
     return cfg
 
 
-PRESETS = {"kaggle": _kaggle, "gpu": _gpu, "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny}
+def _cpu_tiny_gemma3() -> Config:
+    """cpu-tiny with Gemma3's architecture: six layers (its five local : one global pattern), one kv head (as
+    Gemma3-1B) and a sliding window shorter than most rows, so that every Gemma3 feature runs at tiny size."""
+    cfg = _cpu_tiny()
+    cfg.preset = "cpu-tiny-gemma3"
+    cfg.model.name = "tiny-gemma3"
+    cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.sliding_window = 6, 1, 32
+    cfg.data.out_dir = "data/cpu-tiny-gemma3"
+    cfg.run.out_dir = "runs/cpu-tiny-gemma3"
+    return cfg
+
+
+PRESETS = {"kaggle": _kaggle, "kaggle-gemma3": _kaggle_gemma3, "gpu": _gpu, "gpu-gemma3": _gpu_gemma3,
+           "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny, "cpu-tiny-gemma3": _cpu_tiny_gemma3}
+# Presets that continue another run: the model is that run's, and the data starts where that run's stopped.
+FOLLOW_INIT_FROM = ("unrestricted",)
 
 # Short flags for the overrides people use most.
 SHORT_FLAGS = {
@@ -326,8 +380,27 @@ def get_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
     cfg = PRESETS[preset]()
     for name, text in (overrides or {}).items():
         apply_override(cfg, name, text)
+    if preset in FOLLOW_INIT_FROM:
+        follow_init_from(cfg, overrides or {})
     validate(cfg)
     return cfg
+
+
+def follow_init_from(cfg: Config, overrides: dict[str, str]) -> None:
+    """A run that continues another takes that run's model (from its config.json, when it has one) and reads the
+    data after that run's, unless --model.name or --data.continue_from say otherwise: ``--init-from
+    runs/kaggle-gemma3`` alone continues a Gemma3 run."""
+    if "data.continue_from" not in overrides and "data.start" not in overrides:
+        cfg.data.continue_from = cfg.run.init_from
+    path = Path(cfg.run.init_from).expanduser() / "config.json"
+    if "model.name" in overrides or not path.is_file():
+        return
+    try:
+        name = json.loads(path.read_text())["model"]["name"]
+    except (ValueError, KeyError, TypeError):
+        return  # check_saved_run names the unreadable config.json
+    if name in REAL_MODEL_SIZES:
+        cfg.model.name = name
 
 
 def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, str]:
@@ -401,10 +474,10 @@ def config_from_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Conf
 
 
 def model_sizes(m: ModelConfig) -> dict[str, int]:
-    """Layers, width, heads and sliding window of the model that ``m`` builds."""
-    if m.name == "gemma2-2b-it":
-        return GEMMA2_2B_SIZES
-    return {name: getattr(m, name) for name in GEMMA2_2B_SIZES}
+    """Layers, embedding rows, width, heads and sliding window of the model that ``m`` builds."""
+    if m.name in REAL_MODEL_SIZES:
+        return REAL_MODEL_SIZES[m.name]
+    return {name: getattr(m, name) for name in REAL_MODEL_SIZES["gemma2-2b-it"]}
 
 
 def validate(cfg: Config) -> None:
@@ -416,8 +489,8 @@ def validate(cfg: Config) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{section.name}.{f.name} {value} is not a finite number: give a finite value")
     m, d, r, lo = cfg.model, cfg.data, cfg.run, cfg.lora
-    if m.name not in ("gemma2-2b-it", "tiny"):
-        raise ConfigError(f"--model.name {m.name!r} is unknown: use gemma2-2b-it or tiny")
+    if m.name not in MODEL_FAMILIES:
+        raise ConfigError(f"--model.name {m.name!r} is unknown: use {', '.join(MODEL_FAMILIES)}")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
     if m.remat not in ("none", "block", "decoder"):
@@ -438,8 +511,8 @@ def validate(cfg: Config) -> None:
                           f"--run.mesh_fsdp {r.mesh_fsdp}: use a multiple of {r.mesh_fsdp}")
     if d.max_len < 16:
         raise ConfigError(f"--data.max_len {d.max_len} is too small: use at least 16")
-    if d.pack and d.max_len > window:
-        raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
+    if d.pack and d.max_len > window and model_family(m) == "gemma2":  # Gemma3's band is by index: exact
+        raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: Gemma2's packed rows "
                           f"would see keys outside their window; lower max_len or set --data.pack false")
     if d.start < 0 or (d.stop and d.stop <= d.start):
         raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
@@ -571,7 +644,7 @@ TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim
 def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
     """What a run's LoRA weights fit, from its config as a dict: the model (its name, or the tiny model's sizes)
     and the LoRA's rank and target modules."""
-    model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
+    model_keys = ("name",) if c["model"]["name"] in REAL_MODEL_SIZES else TINY_SIZE_FIELDS
     return {**{f"model.{k}": c["model"][k] for k in model_keys},
             **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
 

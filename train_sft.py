@@ -1,7 +1,8 @@
-"""Stage 2: LoRA SFT of Gemma2 with Tunix's PeftTrainer.
+"""Stage 2: LoRA SFT of Gemma2 (or Gemma3) with Tunix's PeftTrainer.
 
     python train_sft.py --preset cpu-tiny            # tiny random Gemma2 on the shipped sample, CPU
     python train_sft.py --preset kaggle              # Gemma2-2B-it on a TPU v5e-8
+    python train_sft.py --preset kaggle-gemma3       # Gemma3-1B-it on a TPU v5e-8
     python train_sft.py --preset unrestricted        # continue a kaggle run on fresh rows
 
 Top to bottom: the model with LoRA (from ``model.py``) -> optimizer and a dynamic step count
@@ -583,6 +584,7 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
 
 def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: float,
                   clock: Callable[[], float]) -> dict[str, Any]:
+    data_prep.load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
     data_dir = data_dir or data_prep.prepare(cfg)
     windows = data_prep.num_windows(data_dir, "train")
     resume_step = latest_step(run_dir)  # damaged newer checkpoints are set aside here

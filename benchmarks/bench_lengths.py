@@ -3,7 +3,8 @@
 Item 4 of issue 8: for each max_len, on the length-faithful distribution of ``assets/glaive_lengths.py``
 (Gemma tokens at 4.0 characters per token), the share of rows kept, source rows read for 180k kept
 training rows, packing efficiency with and without packing (``data_prep.pack_rows``), tokens per epoch,
-the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs.
+the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs, for each model
+(Gemma2-2B-it and Gemma3-1B-it: the same token lengths, see the results file on characters per token).
 Item 5: data-stage throughput on length-faithful rows of real character length
 (``bench_data_prep.throughput``). Writes ``benchmarks/results_lengths.md``.
 
@@ -38,6 +39,8 @@ EPOCHS = 4
 V5E_8_PEAK = 8 * 197e12  # bf16 FLOP/s of a TPU v5e-8 (../shared/NOTES.md)
 MFUS = (0.35, 0.50)
 TRAIN_BUDGET_HOURS = 8.0  # run.time_budget_min 480
+# The models whose FLOPs per token and hours the table shows, by their kaggle presets.
+MODELS = {"Gemma2-2B-it": config.get_config("kaggle").model, "Gemma3-1B-it": config.get_config("kaggle-gemma3").model}
 # kaggle's projected source rows (issue 8: ~250-330k) for the preparation-time projection.
 PROJECTED_SOURCE_ROWS = (250_000, 330_000)
 
@@ -52,26 +55,31 @@ def max_len_row(rows: np.ndarray, completions: np.ndarray, max_len: int, pack_ro
     packing = sum(sample) / (len(windows) * max_len)
     without = sum(sample) / (len(sample) * max_len)
     tokens_per_epoch = KEPT_TRAINING_ROWS * kept.mean()
-    flops = flops_per_token(config.ModelConfig(), max_len)
-    attention_share = 1 - flops_per_token(config.ModelConfig(), 0) / flops
+    flops = {name: flops_per_token(m, max_len) for name, m in MODELS.items()}
+    attention = {name: 1 - flops_per_token(m, 0) / flops[name] for name, m in MODELS.items()}
     # MFU as train_sft measures it: non-padding tokens x flops_per_token(max_len) per second / peak.
-    hours = {mfu: EPOCHS * tokens_per_epoch * flops / (V5E_8_PEAK * mfu) / 3600 for mfu in MFUS}
+    hours = {(name, mfu): EPOCHS * tokens_per_epoch * flops[name] / (V5E_8_PEAK * mfu) / 3600
+             for name in MODELS for mfu in MFUS}
     return {"max_len": max_len, "share": share, "source_rows": (KEPT_TRAINING_ROWS + config.DataConfig().eval_rows)
             / share, "packing": packing, "without": without, "tokens": tokens_per_epoch,
             "window_tokens": tokens_per_epoch / packing, "steps": EPOCHS * KEPT_TRAINING_ROWS * without / packing / 32,
-            "attention": attention_share, "hours": hours,
+            "attention": attention, "hours": hours,
             "completion_p50": float(np.percentile(kept_completions, 50)), "longest": int(kept_completions.max())}
 
 
 def length_table(results: list[dict]) -> str:
+    names = " / ".join(MODELS)
     lines = ["| max_len | rows kept | source rows read for 180k kept | packing efficiency, packed / unpacked | "
-             "tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
-             "of step FLOPs | v5e-8 hours, 4 epochs, 35% / 50% MFU |", "|---|---|---|---|---|---|---|---|"]
+             f"tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
+             f"of step FLOPs, {names} | " + " | ".join(f"{name} v5e-8 hours, 4 epochs, 35% / 50% MFU"
+                                                      for name in MODELS) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(MODELS)]
     for r in results:
-        h35, h50 = (r["hours"][m] for m in MFUS)
+        attention = " / ".join(f"{r['attention'][name]:.1%}" for name in MODELS)
+        hours = " | ".join(" / ".join(f"{r['hours'][name, m]:.1f}" for m in MFUS) for name in MODELS)
         lines.append(f"| {r['max_len']} | {r['share']:.1%} | {r['source_rows']:,.0f} | {r['packing']:.1%} / "
                      f"{r['without']:.1%} | {r['tokens'] / 1e6:,.0f}M / {r['window_tokens'] / 1e6:,.0f}M | "
-                     f"{r['steps']:,.0f} | {r['attention']:.1%} | {h35:.1f} / {h50:.1f} |")
+                     f"{r['steps']:,.0f} | {attention} | {hours} |")
     return "\n".join(lines)
 
 
@@ -119,7 +127,10 @@ Rows are drawn from `assets/glaive_lengths.py`'s fit of the published response-l
 `glaiveai/reasoning-v1-20m` rows 0..280000 (TheIllusionOfLife/tunix, `docs/dataset_size_analysis.md`;
 `../shared/NOTES.md`): inverse CDF piecewise log-linear through p1 4,020 ... p99 ~16,250 characters, an
 assumed tail to 32,000 at p99.9. Characters become Gemma tokens at **4.0 characters per token**, the middle
-of the 3.8-4.3 reported by the same write-up (no Gemma tokenizer is available offline to measure it); a
+of the 3.8-4.3 reported by the same write-up (no Gemma tokenizer is available offline to measure it), for
+Gemma3-1B-it as for Gemma2-2B-it: Gemma3's tokenizer (262,144 pieces, Gemini 2.0's) differs from Gemma2's
+(256,000) mainly in non-English coverage, by the Gemma 3 report, and this data is English prose, so the same
+rows are taken to be the same number of tokens; only the FLOPs per token (and so the hours) differ; a
 row adds BOS, the templated prompt with the format instruction, the tags and `<end_of_turn>` (50 tokens) and
 a question (log-normal, median 60 tokens). Sampled rows (BOS + prompt + completion): p10
 {np.percentile(rows, 10):,.0f}, p50 {np.percentile(rows, 50):,.0f}, p90 {np.percentile(rows, 90):,.0f},
@@ -135,22 +146,25 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   *unpacked* is one row per window.
 - *Tokens per epoch*: 180,000 kept training rows; in windows = the tokens the steps compute, padding
   included. *Steps*: 4 epochs of windows at the effective batch of 32.
-- *Attention share*: `model.flops_per_token(gemma2-2b-it, max_len)`'s attention term over the whole
-  (score and value matmuls; 4N for the frozen matmuls).
+- *Attention share*: `model.flops_per_token(model, max_len)`'s attention term over the whole
+  (score and value matmuls; 4N for the frozen matmuls), for the kaggle and kaggle-gemma3 presets' models.
 - *Hours*: 4 epochs x non-padding tokens x `flops_per_token(max_len)` / (8 x 197 TFLOP/s x MFU): MFU as
   `train_sft` measures it (non-padding tokens), so padding is part of what keeps MFU low. The kaggle
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
 **Decision: keep max_len 2048 for `kaggle`.** At 2048 the 180k kept rows need about
-{at_2048['source_rows']:,.0f} source rows ({at_2048['share']:.0%} kept) and 4 epochs take
-{at_2048['hours'][0.35]:.1f} h at 35% MFU ({at_2048['hours'][0.5]:.1f} h at 50%): within the 8-hour training
-budget at either MFU. 3072 and 4096 keep nearly every row (4096 also packs two rows a window), but each
+{at_2048['source_rows']:,.0f} source rows ({at_2048['share']:.0%} kept) and 4 epochs of Gemma2-2B-it take
+{at_2048['hours']['Gemma2-2B-it', 0.35]:.1f} h at 35% MFU ({at_2048['hours']['Gemma2-2B-it', 0.5]:.1f} h at
+50%): within the 8-hour training budget at either MFU (Gemma3-1B-it:
+{at_2048['hours']['Gemma3-1B-it', 0.35]:.1f} h / {at_2048['hours']['Gemma3-1B-it', 0.5]:.1f} h). 3072 and 4096
+keep nearly every row (4096 also packs two rows a window), but each
 epoch then carries
 {results[1]['tokens'] / at_2048['tokens']:.2f}x and {results[2]['tokens'] / at_2048['tokens']:.2f}x the
-tokens at a higher FLOPs per token (attention {results[1]['attention']:.1%} and {results[2]['attention']:.1%}
-of the step against {at_2048['attention']:.1%}), so 4 epochs would need
-{results[1]['hours'][0.35]:.1f} h and {results[2]['hours'][0.35]:.1f} h at 35% MFU: the time budget would cut
+tokens at a higher FLOPs per token (attention {results[1]['attention']['Gemma2-2B-it']:.1%} and
+{results[2]['attention']['Gemma2-2B-it']:.1%} of the step against {at_2048['attention']['Gemma2-2B-it']:.1%}), so
+4 epochs of Gemma2-2B-it would need {results[1]['hours']['Gemma2-2B-it', 0.35]:.1f} h and
+{results[2]['hours']['Gemma2-2B-it', 0.35]:.1f} h at 35% MFU: the time budget would cut
 them to fewer epochs, and a 4096-token window doubles the per-chip activations and logits that already take
 most of the 16 GB (../shared/NOTES.md: 9.7 GiB at 8 x 2048 with block remat). 2048 is also the recipe's
 choice. The price is visible: rows over 2048 tokens (the longest reasoning) are never seen, so the model

@@ -64,8 +64,10 @@ print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device
 # ## Configuration
 #
 # `PRESET` picks one of `config.py`'s presets: `kaggle` (Gemma2-2B-it, TPU v5e-8, 180k kept training rows,
-# 4 epochs capped by an 8-hour budget), `unrestricted` (continues a kaggle run on 100k fresh rows) or `cpu-tiny`
-# (a tiny random model on the shipped sample, for a CPU smoke run). `OVERRIDES` takes any
+# 4 epochs capped by an 8-hour budget), `kaggle-gemma3` (the same with Gemma3-1B-it, the hackathon's other
+# model: this one setting picks the model), `unrestricted` (continues the kaggle run named by its `run.init_from`,
+# with that run's model, on 100k fresh rows) or `cpu-tiny` / `cpu-tiny-gemma3` (a tiny random model of either
+# architecture on the shipped sample, for a CPU smoke run). `OVERRIDES` takes any
 # `section.field` of `config.py`, as the command line's `--section.field value` does.
 
 # %%
@@ -202,6 +204,9 @@ display(Markdown((RUN_DIR / "eval" / "report.md").read_text()[:20_000]))
 # from tunix.models.gemma import model as gemma_lib, params as gemma_params
 # params = gemma_params.load_and_format_params(f"{path}/gemma2-2b-it")
 # model = gemma_lib.Gemma.from_params(params, version="2-2b-it")
+# # Gemma3-1B-it (kaggle-gemma3):
+# from tunix.models.gemma3 import model as gemma3_lib, params as gemma3_params
+# model = gemma3_params.create_model_from_checkpoint(f"{path}/gemma3-1b-it", gemma3_lib.ModelConfig.gemma3_1b_it())
 # ```
 #
 # With Kaggle credentials (`KAGGLE_USERNAME`/`KAGGLE_KEY`, or `~/.kaggle/kaggle.json`) and
@@ -221,8 +226,10 @@ export.export(cfg, RUN_DIR, "orbax", EXPORT_DIR, upload_handle=UPLOAD_HANDLE)
 #   records the source rows read), at a lower LR: `python train_sft.py --preset unrestricted --init-from runs/kaggle`,
 #   then `python export.py --preset unrestricted --run runs/unrestricted --format orbax --out
 #   exports/unrestricted --upload USER/gemma2-2b-tunix-reasoning/jax/unrestricted`.
-# - `python export.py ... --format hf` writes a Hugging Face `Gemma2ForCausalLM` directory for
-#   transformers and vLLM users.
+# - `python export.py ... --format hf` writes a Hugging Face `Gemma2ForCausalLM` (Gemma3: `Gemma3ForCausalLM`)
+#   directory for transformers and vLLM users.
+# - With Gemma3-1B-it the unrestricted run continues `runs/kaggle-gemma3`: `--init-from runs/kaggle-gemma3`
+#   alone makes it a Gemma3 run that reads the data after that run's.
 # - Everything here also runs on a CPU with `TUNIX_SFT_PRESET=cpu-tiny` (a tiny random Gemma2), which
 #   is how the repository's tests execute this notebook.
 

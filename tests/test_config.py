@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import config
+import kaggle_weights
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules whose import is the heavy work a bad setting must not wait for.
@@ -118,3 +120,53 @@ def test_eval_writes_into_the_run_by_default_and_must_be_able_to(tmp_path: Path)
                                          str(tmp_path / "data")], "eval_samples", "doc")
     assert args.out == str(tmp_path / "report") and cfg.data.out_dir == str(tmp_path / "data")
     assert args.overrides == {"data.out_dir": str(tmp_path / "data")}
+
+
+@pytest.mark.parametrize("stage, flag", [("train_sft.py", "--init-from"), ("train_sft.py", "--out"),
+                                         ("export.py", "--run")])
+def test_a_run_of_the_other_architecture_stops_before_heavy_imports(stage: str, flag: str, tiny_run_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A Gemma2 run given to a Gemma3 setting (--init-from, resuming it as --out, exporting it) is refused by its
+    config.json's model.name before JAX is imported."""
+    args = {"--init-from": ["--out", tmp_path / "new", "--init-from", tiny_run_dir], "--out": ["--out", tiny_run_dir],
+            "--run": ["--run", tiny_run_dir, "--out", tmp_path / "export"]}[flag]
+    code, stderr, imported = run_stage(stage, "--preset", "cpu-tiny-gemma3", *args)
+    assert code == 1 and len(stderr) == 1, stderr
+    assert stderr[0].startswith(f"error: {tiny_run_dir} was trained with --model.name tiny, --model.num_layers 4, "
+                                "--model.num_kv_heads 2 but this run has --model.name tiny-gemma3, "
+                                "--model.num_layers 6, --model.num_kv_heads 1: use that run's settings"), stderr
+    assert not imported & HEAVY_MODULES
+
+
+def test_unrestricted_continues_the_model_of_its_init_from_run(tmp_path: Path) -> None:
+    """unrestricted follows the run it continues: --init-from runs/kaggle-gemma3 alone makes it a Gemma3 run that
+    reads the data after that run's; without such a run it is the kaggle (Gemma2) continuation."""
+    default = config.get_config("unrestricted")
+    assert (default.model.name, default.run.init_from, default.data.continue_from) == (
+        "gemma2-2b-it", "runs/kaggle", "runs/kaggle")
+    run = tmp_path / "kaggle-gemma3"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.get_config("kaggle-gemma3").to_dict()))
+    cfg = config.get_config("unrestricted", {"run.init_from": str(run)})
+    assert (cfg.model.name, cfg.data.continue_from, kaggle_weights.kaggle_handle(cfg.model)) == (
+        "gemma3-1b-it", str(run), "google/gemma-3/flax/gemma3-1b-it")
+    # what is said outright wins: the model (check_saved_run then names the mismatch), and where the data starts
+    assert config.get_config("unrestricted", {"run.init_from": str(run), "model.name": "gemma2-2b-it"}
+                             ).model.name == "gemma2-2b-it"
+    assert config.get_config("unrestricted", {"run.init_from": str(run), "data.continue_from": "data/x"}
+                             ).data.continue_from == "data/x"
+
+
+def test_each_model_name_builds_its_architecture_and_gemma3_packs_past_its_window() -> None:
+    assert {name: config.model_family(config.get_config("cpu-tiny", {"model.name": name}).model)
+            for name in config.MODEL_FAMILIES} == {"gemma2-2b-it": "gemma2", "gemma3-1b-it": "gemma3",
+                                                   "tiny": "gemma2", "tiny-gemma3": "gemma3"}
+    with pytest.raises(config.ConfigError, match=r"--model.name 'gemma3-4b-it' is unknown: use gemma2-2b-it, "):
+        config.get_config("cpu-tiny", {"model.name": "gemma3-4b-it"})
+    # Gemma2 compares positions with absolute key indices (rows longer than its window leak); Gemma3 does not
+    with pytest.raises(config.ConfigError, match="exceeds the sliding window 4096: Gemma2's packed rows"):
+        config.get_config("kaggle", {"data.max_len": "8192"})
+    assert config.get_config("kaggle-gemma3", {"data.max_len": "8192"}).data.max_len == 8192
+    assert config.get_config("kaggle-gemma3").run.mesh_tp == 1
+    with pytest.raises(config.ConfigError, match="does not divide the model's 1 kv heads"):
+        config.get_config("kaggle-gemma3", {"run.mesh_fsdp": "4", "run.mesh_tp": "2"})

@@ -6,11 +6,12 @@ import jax
 import numpy as np
 import pytest
 
+import chat_format
 import data_prep
 import eval_samples
 from chat_format import check_format
 from config import ConfigError, get_config
-from model import build_model, generate, latest_step, make_mesh
+from model import build_model, build_sampler, generate, latest_step, make_mesh, padded_prompt_length
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
 
@@ -198,3 +199,35 @@ def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, t
     with pytest.raises(SystemExit, match=refusal):
         eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(tmp_path),
                            "--data.out_dir", str(tiny_data_dir), "--lora.rank", "8", "--loss-only"])
+
+
+def test_generation_stops_at_end_of_turn_for_either_model(each_tiny_model, tiny_preset):
+    """A turn ends at <end_of_turn> for either model (google/tunix#842: a Gemma3-1B sampler that stops on EOS alone
+    runs on). The weights are set so that greedy decoding emits <end_of_turn> at once and after every
+    <end_of_turn>: the layers add nothing (their post-norms scale by 1 + -1) and <end_of_turn>'s embedding is the
+    prompt's last token's, doubled."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg = get_config(tiny_preset, {"eval.max_new_tokens": "8", "eval.batch_size": "1"})
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}]
+    last = tokenizer.encode(chat_format.build_prompt(prompts[0]["prompt"]))[-1]
+    end_of_turn = tokenizer.piece_to_id(chat_format.END_OF_TURN)
+    saved = jax.tree.map(jnp.copy, nnx.state(each_tiny_model, nnx.Param))
+    post_norms = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("post_ffw_norm"), nnx.PathContains(
+        "post_attn_norm" if tiny_preset == "cpu-tiny" else "post_attention_norm")))
+    embedding = nnx.state(each_tiny_model, nnx.PathContains("input_embedding"))
+    try:
+        nnx.update(each_tiny_model, jax.tree.map(lambda x: -jnp.ones_like(x), nnx.state(each_tiny_model, post_norms)))
+        nnx.update(each_tiny_model, jax.tree.map(lambda e: e.at[end_of_turn].set(2 * e[last]), embedding))
+        [record] = generate(each_tiny_model, tokenizer, prompts, cfg.eval, "tuned", show_progress=False)
+        assert record["generated_tokens"] == 0 and not record["truncated"]
+        # without <end_of_turn> among the stop tokens the same sampler runs on to the budget, emitting only it
+        prompt_len = padded_prompt_length(tokenizer, prompts)
+        sampler = build_sampler(each_tiny_model, tokenizer, prompt_len, 8)
+        out = sampler([chat_format.build_prompt(prompts[0]["prompt"])], max_generation_steps=8,
+                      max_prompt_length=prompt_len, eos_tokens=[tokenizer.eos_id()])
+        assert list(out.tokens[0]) == [end_of_turn] * 8
+    finally:
+        nnx.update(each_tiny_model, saved)
