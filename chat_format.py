@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jinja2.sandbox
@@ -52,13 +53,28 @@ _JINJA.globals["raise_exception"] = _raise_template_error
 _CHAT_TEMPLATE = _JINJA.from_string(GEMMA_CHAT_TEMPLATE)
 
 
-def build_prompt(prompt: str) -> str:
-    """The user turn (instruction + question) and the model-turn opener, as Gemma's template renders them.
+# Stands for the question while the chat template is rendered around it: no template or instruction text has it.
+_QUESTION_SLOT = "\x00question\x00"
 
-    The leading ``<bos>`` is left out: the tokenizer adds BOS as an id, never as text.
-    """
-    messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{prompt}"}]
-    return _CHAT_TEMPLATE.render(messages=messages, bos_token="", add_generation_prompt=True)
+
+def prompt_template() -> str:
+    """The prompt as a ``str.format`` template with one ``{question}`` slot: the user turn (instruction, blank
+    line, question) and the model-turn opener, as Gemma's chat template renders them around the slot, with every
+    other brace escaped. The leading ``<bos>`` is left out: the tokenizer adds BOS as an id, never as text."""
+    messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{_QUESTION_SLOT}"}]
+    rendered = _CHAT_TEMPLATE.render(messages=messages, bos_token="", add_generation_prompt=True)
+    return rendered.replace("{", "{{").replace("}", "}}").replace(_QUESTION_SLOT, "{question}")
+
+
+# The notebook's PROMPT_TEMPLATE, which the hackathon's judges fill with their questions: training renders every
+# row with it too, so a judged prompt is the very text the model was trained on.
+PROMPT_TEMPLATE = prompt_template()
+
+
+def build_prompt(prompt: str) -> str:
+    """The prompt text of one question: ``PROMPT_TEMPLATE.format(question=prompt)``, the question as it is (its
+    braces and whitespace kept: the judges' ``.format`` keeps them too)."""
+    return PROMPT_TEMPLATE.format(question=prompt)
 
 
 # ----------------------------------------------------------------------------- the rewrite (of training responses)
@@ -108,6 +124,25 @@ class FormatCheck(NamedTuple):
     reason: str | None
     reasoning: str | None
     answer: str | None
+
+
+ANSWER_END = "</answer>"
+
+
+def tokens_after_answer(tokens: list[int], decode: Callable[[list[int]], str]) -> int | None:
+    """Generated tokens after the one that completes the first ``</answer>``, None if the output never closes it:
+    how far generation ran on once the answer was over (0 where it stopped at ``<end_of_turn>``, which the
+    output leaves out). Binary search over prefixes: about log2(len(tokens)) decodes."""
+    if ANSWER_END not in decode(tokens):
+        return None
+    shortest, longest = 1, len(tokens)  # the shortest prefix whose text holds </answer>
+    while shortest < longest:
+        middle = (shortest + longest) // 2
+        if ANSWER_END in decode(tokens[:middle]):
+            longest = middle
+        else:
+            shortest = middle + 1
+    return len(tokens) - shortest
 
 
 def check_format(text: str, truncated: bool = False) -> FormatCheck:

@@ -4,7 +4,7 @@ The presets share one code path and differ only in the model, sizes, devices and
 weights come from:
 
 - ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k kept glaiveai rows (streamed from row 0), 4 epochs, lr 2e-5.
-- ``kaggle-gemma3``: the same run with Gemma3-1B-it, the hackathon's other model.
+- ``kaggle-gemma3``: the same run with Gemma3-1B-it, the hackathon's other model (XLA's attention).
 - ``gpu`` / ``gpu-gemma3``: the same runs on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
 - ``unrestricted``: continues a ``kaggle`` (or, with ``--init-from runs/kaggle-gemma3``, a ``kaggle-gemma3``)
   run's LoRA on 100k kept rows that start where that run's preparation stopped reading, lr 5e-6; the model is
@@ -22,8 +22,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +46,7 @@ REAL_MODEL_SIZES = {
 }
 # Each architecture's Kaggle Flax weights (the tiny model of an architecture names its folders the same way).
 KAGGLE_HANDLES = {"gemma2": "google/gemma-2/flax/gemma2-2b-it", "gemma3": "google/gemma-3/flax/gemma3-1b-it"}
-# Where train_sft.py keeps a run's orbax checkpoints, one folder per step.
-CHECKPOINT_SUBDIR = "checkpoints"
 EXPORT_FORMATS = ("orbax", "hf")
-# Local data sources: JSON lines or Parquet.
-SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class ConfigError(ValueError):
@@ -78,7 +72,14 @@ class ModelConfig:
     remat: str = "none"
     # Positions of each row whose logits the loss computes at once (one [micro-batch, loss_chunk, vocab] block,
     # forward and backward, instead of the whole [micro-batch, max_len, vocab]); 0 = all at once (the old loss).
+    # At most a quarter of a row is used (model.row_loss_chunk): a larger chunk costs as much as the full logits.
     loss_chunk: int = 512
+    # Attention of the training and eval-loss forward passes: "xla" (Tunix's own, [B, heads, T, T] scores in HBM)
+    # or "splash" (JAX's Pallas TPU splash kernel, fused; a TPU kernel, run interpreted on a CPU; model.py; Gemma2
+    # only: its swapped attention block is Gemma2's).
+    attention: str = "xla"
+    # Query and key positions per splash kernel block (a multiple of 128 that divides max_len, or above it).
+    attention_block: int = 512
     # Sizes of the tiny models (ignored for the real ones).
     num_layers: int = 4
     vocab_size: int = 2048
@@ -185,7 +186,8 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    """Generation settings; the defaults are the hackathon's declared inference settings."""
+    """Generation settings; the defaults are the hackathon template's evaluation decoding (INF_TEMPERATURE 0,
+    INF_TOP_K 1, INF_TOP_P None, which here is 1.0: no nucleus cut, SEED 42)."""
 
     # Generation budget in new tokens; 0 = derived from the prepared data (its longest kept completion,
     # rounded up: data_prep.generation_budget), so that answers get the length they were trained on.
@@ -193,7 +195,7 @@ class EvalConfig:
     temperature: float = 0.0
     top_k: int = 1
     top_p: float = 1.0
-    seed: int = 0
+    seed: int = 42
     batch_size: int = 8
     # JSONL or text file of prompts; empty = the shipped prompt set (or held-out rows for tiny).
     prompts: str = ""
@@ -225,22 +227,23 @@ class Config:
 
 
 def _kaggle() -> Config:
-    """No remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured that fits a v5e
-    chip with at least 1.5 GiB to spare (14.2 of 16 GiB per chip with the chunked loss, compiled ahead of time;
-    0.74 s per optimizer step at the chip's peak against 1.16 s for block remat at 8 x 4;
-    benchmarks/results_tpu_fit.md)."""
+    """Splash attention, no remat and micro-batch 16 x 2 accumulation (effective 32): the fastest setting measured
+    at max_len 2048 that fits a v5e chip with at least 1.5 GiB to spare (compiled ahead of time; figures and the
+    choice in benchmarks/results_tpu_fit.md, section "Splash attention")."""
     cfg = Config(preset="kaggle")
     cfg.model.remat = "none"
+    cfg.model.attention = "splash"
     cfg.run.micro_batch, cfg.run.grad_accum = 16, 2
     return cfg
 
 
 def _kaggle_gemma3() -> Config:
-    """kaggle with Gemma3-1B-it: the same data, batch, steps and schedule (benchmarks/results_tpu_fit.md has what
-    it needs on a v5e chip)."""
+    """kaggle with Gemma3-1B-it: the same data, batch, steps and schedule, with XLA's attention (splash runs
+    Gemma2's attention block); benchmarks/results_tpu_fit.md has what it needs on a v5e chip."""
     cfg = _kaggle()
     cfg.preset = "kaggle-gemma3"
     cfg.model.name = "gemma3-1b-it"
+    cfg.model.attention = "xla"
     cfg.data.out_dir = "data/kaggle-gemma3"
     cfg.run.out_dir = "runs/kaggle-gemma3"
     return cfg
@@ -256,6 +259,7 @@ def _gpu(base: Callable[[], Config] = _kaggle, preset: str = "gpu") -> Config:
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 8
     cfg.model.remat = "block"  # what the memory estimate assumes; not yet measured on a GPU
+    cfg.model.attention = "xla"  # splash is a TPU kernel; no fused GPU attention has Gemma2's soft-cap
     cfg.run.time_budget_min = 0.0
     return cfg
 
@@ -389,7 +393,7 @@ def get_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
 def follow_init_from(cfg: Config, overrides: dict[str, str]) -> None:
     """A run that continues another takes that run's model (from its config.json, when it has one) and reads the
     data after that run's, unless --model.name or --data.continue_from say otherwise: ``--init-from
-    runs/kaggle-gemma3`` alone continues a Gemma3 run."""
+    runs/kaggle-gemma3`` alone continues a Gemma3 run (with XLA's attention, as kaggle-gemma3 trains)."""
     if "data.continue_from" not in overrides and "data.start" not in overrides:
         cfg.data.continue_from = cfg.run.init_from
     path = Path(cfg.run.init_from).expanduser() / "config.json"
@@ -401,6 +405,8 @@ def follow_init_from(cfg: Config, overrides: dict[str, str]) -> None:
         return  # check_saved_run names the unreadable config.json
     if name in REAL_MODEL_SIZES:
         cfg.model.name = name
+        if model_family(cfg.model) != "gemma2" and "model.attention" not in overrides:
+            cfg.model.attention = "xla"  # splash runs Gemma2's attention block only
 
 
 def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, str]:
@@ -447,30 +453,23 @@ def stage_flags(stage: str) -> argparse.ArgumentParser:
         parser.add_argument("--loss-only", action="store_true", help="only the held-out loss and perplexity")
     if stage == "export":
         parser.add_argument("--format", choices=EXPORT_FORMATS, default="orbax",
-                            help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
+                            help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM "
+                                 "(Gemma3ForCausalLM)")
         parser.add_argument("--out", required=True, help="output directory")
-        parser.add_argument("--upload", default="", metavar="HANDLE",
-                            help="publish to this Kaggle model handle (OWNER/MODEL/FRAMEWORK/VARIATION)")
+        parser.add_argument("--upload", default="", metavar="OWNER/MODEL",
+                            help="publish the orbax export to OWNER/MODEL/jax/size, where the "
+                                 "hackathon's template downloads unrestricted_kaggle_model = 'OWNER/MODEL'")
     return parser
 
 
-def config_from_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, argparse.Namespace]:
-    """Parses a stage's command line (``--preset``, its own flags, every override) and runs its preflight;
-    exits with one line on error. ``args.overrides`` holds the overrides as given.
-
-    Needs only the standard library: each stage script calls it before its heavy imports, so that a bad
-    setting or path stops in about a second.
-    """
+def parse_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, argparse.Namespace]:
+    """A stage's settings from its command line (``--preset``, its own flags, every override), validated;
+    ``args.overrides`` holds the overrides as given. rundir.settings_from_argv adds the checks of paths."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0], parents=[stage_flags(stage)])
     parser.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
     args, rest = parser.parse_known_args(argv)
-    try:
-        args.overrides = parse_overrides(rest, stage)
-        cfg = get_config(args.preset, args.overrides)
-        preflight(cfg, stage, args)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    return cfg, args
+    args.overrides = parse_overrides(rest, stage)
+    return get_config(args.preset, args.overrides), args
 
 
 def model_sizes(m: ModelConfig) -> dict[str, int]:
@@ -511,9 +510,22 @@ def validate(cfg: Config) -> None:
                           f"--run.mesh_fsdp {r.mesh_fsdp}: use a multiple of {r.mesh_fsdp}")
     if d.max_len < 16:
         raise ConfigError(f"--data.max_len {d.max_len} is too small: use at least 16")
-    if d.pack and d.max_len > window and model_family(m) == "gemma2":  # Gemma3's band is by index: exact
-        raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: Gemma2's packed rows "
-                          f"would see keys outside their window; lower max_len or set --data.pack false")
+    if m.attention not in ("xla", "splash"):
+        raise ConfigError(f"--model.attention {m.attention!r} is unknown: use xla or splash")
+    if m.attention == "splash" and model_family(m) != "gemma2":
+        raise ConfigError(f"--model.attention splash runs Gemma2's attention block, not {m.name}'s: use "
+                          "--model.attention xla")
+    if m.attention == "splash" and (d.max_len % 128 or m.attention_block % 128
+                                    or d.max_len % min(m.attention_block, d.max_len)):
+        raise ConfigError(f"--model.attention splash needs --data.max_len ({d.max_len}) a multiple of 128 and "
+                          f"--model.attention_block ({m.attention_block}) a multiple of 128 that divides it (or "
+                          "exceeds it): use e.g. --model.attention_block 512 and --data.max_len 2048")
+    # Tunix's own Gemma2 sliding mask compares key indices of the packed window with positions within the row
+    # (splash applies the window per row); Tunix's Gemma3 builds its band from indices alone, exact per row.
+    if d.pack and d.max_len > window and m.attention == "xla" and model_family(m) == "gemma2":
+        raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
+                          f"would see keys outside their window; lower max_len, set --data.pack false or use "
+                          f"--model.attention splash")
     if d.start < 0 or (d.stop and d.stop <= d.start):
         raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
                           "--data.stop must exceed --data.start (0 = to the end)")
@@ -545,142 +557,3 @@ def validate(cfg: Config) -> None:
 
 def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
-
-
-# ----------------------------------------------------------------------------- preflight: paths and saved runs
-
-
-def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
-    """What a stage reads must be readable, what it writes writable, and a saved LoRA it loads must fit the
-    settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
-    d, r = cfg.data, cfg.run
-    if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
-        if not (Path(d.out_dir) / "manifest.json").is_file():
-            raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
-                              f"`python data_prep.py --preset {cfg.preset} --data {d.out_dir}` first")
-    elif stage in ("data_prep", "train_sft", "eval_samples"):  # these prepare the data, or reuse a preparation
-        local_source(d)
-        if not (Path(d.out_dir).expanduser() / "manifest.json").is_file():
-            check_writable_dir(d.out_dir, "--data")
-    if stage == "train_sft":
-        check_writable_dir(r.out_dir, "--out")
-        out_dir = Path(r.out_dir).expanduser()
-        if out_dir.is_dir():  # an existing run is resumed: it must fit these settings
-            check_saved_run(out_dir, cfg, "--out")
-        if r.init_from and saved_lora_shape(out_dir) is None:  # a new run starts from init_from's LoRA
-            check_saved_run(r.init_from, cfg, "--init-from")
-    if stage in ("eval_samples", "export"):
-        check_saved_run(args.run, cfg, "--run", args.step)
-        check_writable_dir(args.out or Path(args.run) / "eval", "--out")
-    if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
-        raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
-
-
-def check_writable_dir(path: str | Path, flag: str) -> None:
-    """A directory a stage writes into: it, or the nearest folder above it that exists, must be writable."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory: pass a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing}): pass a writable "
-                          "directory")
-
-
-def local_source(data_cfg: DataConfig) -> Path | None:
-    """The local file ``--data.source`` names, checked to be a readable file; None for a Hugging Face dataset."""
-    path = Path(data_cfg.source).expanduser()
-    if path.suffix not in SOURCE_SUFFIXES and not path.exists():
-        return None
-    if path.is_dir():
-        raise ConfigError(f"source {path} is a directory, not a .jsonl/.parquet file: set --data.source to a file")
-    if not path.is_file():
-        raise ConfigError(f"source file {path} does not exist: set --data.source")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"source file {path} is not readable (no read permission): set --data.source")
-    if path.suffix == ".parquet" and not _has_parquet_markers(path):
-        raise ConfigError(f"source {path} is not a Parquet file (no PAR1 marker at its start and end): "
-                          "re-download it, or name a JSON-lines file .jsonl")
-    return path
-
-
-def _has_parquet_markers(path: Path) -> bool:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(max(0, size - 4))
-        return size >= 12 and head == b"PAR1" and f.read(4) == b"PAR1"
-
-
-def saved_lora_shape(run_dir: Path, step: int | None = None) -> tuple[Path, dict[str, int]] | None:
-    """The checkpoint folder at ``step`` (default: the newest whose metadata reads) of a run and the rank,
-    layers and width of its LoRA, read from orbax's JSON tree metadata without JAX; None if none reads."""
-    ckpt_dir = run_dir.expanduser() / CHECKPOINT_SUBDIR
-    steps = sorted((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), reverse=True) \
-        if ckpt_dir.is_dir() else []
-    for saved_step in steps if step is None else [step]:
-        step_dir = ckpt_dir / str(saved_step)
-        try:  # keys are paths such as ("layers", "0", "attn", "q_einsum", "w_lora_a", "value")
-            tree = json.loads((step_dir / "model_params" / "_METADATA").read_text())["tree_metadata"]
-            shapes = {tuple(k["key"] for k in v["key_metadata"]): v["value_metadata"]["write_shape"]
-                      for v in tree.values()}
-            ranks = {shape[-1] for key, shape in shapes.items() if key[-2].endswith("_lora_a")}
-            layers = {key[1] for key in shapes if key[0] == "layers"}
-            width = shapes[("layers", "0", "attn", "q_einsum", "w_lora_a", "value")][0]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue
-        if len(ranks) == 1:
-            return step_dir, {"rank": ranks.pop(), "num_layers": len(layers), "embed_dim": width}
-    return None
-
-
-# Model fields that set the tiny model's tensor shapes (the real model is named by its name alone).
-TINY_SIZE_FIELDS = ("name", "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "num_kv_heads",
-                    "head_dim")
-
-
-def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
-    """What a run's LoRA weights fit, from its config as a dict: the model (its name, or the tiny model's sizes)
-    and the LoRA's rank and target modules."""
-    model_keys = ("name",) if c["model"]["name"] in REAL_MODEL_SIZES else TINY_SIZE_FIELDS
-    return {**{f"model.{k}": c["model"][k] for k in model_keys},
-            **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
-
-
-def existing_run_dir(run_dir: str | Path) -> Path:
-    """A run directory a stage reads: it must exist (one line naming the fix, if not)."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist: pass the --out of a train_sft.py run")
-    return run_dir
-
-
-def check_saved_run(run_dir: str | Path, cfg: Config, flag: str, step: int | None = None) -> None:
-    """A run directory a stage resumes, starts from or loads must exist and must have been trained for the model
-    and LoRA these settings build: by its config.json, or without one by its checkpoint's LoRA shapes. Standard
-    library only, so it stops a mismatch before JAX is imported; restoring checks tensor by tensor as well."""
-    run_dir = existing_run_dir(run_dir)
-    path = run_dir / "config.json"
-    if path.exists():
-        try:
-            theirs = _run_identity(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path} does not read as a run's config: restore it, or pass another {flag}") from None
-        ours = _run_identity(cfg.to_dict())
-        if diff := [k for k in ours if theirs.get(k) != ours[k]]:
-            raise ConfigError(f"{run_dir} was trained with " + ", ".join(f"--{k} {theirs.get(k)}" for k in diff)
-                              + " but this run has " + ", ".join(f"--{k} {ours[k]}" for k in diff)
-                              + f": use that run's settings, or pass another {flag}")
-        return
-    saved = saved_lora_shape(run_dir, step)
-    if saved is None:
-        return
-    step_dir, theirs = saved
-    ours = {"rank": cfg.lora.rank, **{k: model_sizes(cfg.model)[k] for k in ("num_layers", "embed_dim")}}
-    if theirs != ours:
-        raise ConfigError(f"checkpoint {step_dir} holds LoRA rank {theirs['rank']} on {theirs['num_layers']} "
-                          f"layers of width {theirs['embed_dim']}, but these settings build rank {ours['rank']} "
-                          f"on {ours['num_layers']} layers of width {ours['embed_dim']}: use that run's --preset, "
-                          f"--model.* and --lora.rank, or another {flag}")

@@ -5,7 +5,8 @@ Read top to bottom, the pipeline is:
 1. rewrite  ``<think>R</think> A``  into  ``<reasoning>R</reasoning>\\n<answer>A</answer>`` (or drop the row),
 2. render the question with Gemma's own chat template (instruction first: Gemma has no system role),
    both by ``chat_format.py``,
-3. tokenize ``BOS + prompt + completion + <end_of_turn>`` with a loss mask on the completion only,
+3. tokenize ``BOS + prompt + completion + <end_of_turn> + EOS`` with a loss mask on the completion only (EOS
+   included: a caller that stops only on the tokenizer's EOS, as Tunix's Sampler does by default, stops there),
 4. drop rows longer than ``max_len`` (truncating would cut the answer away; a row with more bytes than
    ``max_len`` tokens can hold is dropped before it is tokenized),
 5. best-fit pack rows into ``max_len`` windows with per-row segment ids and positions,
@@ -37,19 +38,19 @@ from typing import Any, NamedTuple
 
 from chat_format import (
     END_OF_TURN,
-    GEMMA_CHAT_TEMPLATE,
-    INSTRUCTION,
+    PROMPT_TEMPLATE,
     TEMPLATE_MARKER_RE,
     build_prompt,
     is_blank,
     rewrite_response,
     rewrite_with_reason,
 )
-from config import Config, ConfigError, DataConfig, ModelConfig, config_from_argv, local_source, model_sizes
+from config import Config, ConfigError, DataConfig, ModelConfig, model_sizes
 from kaggle_weights import kaggle_model_dir
+from rundir import local_source, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "data_prep", __doc__)
+    settings_from_argv(None, "data_prep", __doc__)
 
 import datasets
 import grain
@@ -67,7 +68,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 CONTROL_CHAR_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"
 # Bump when the stored format or the row processing changes: older caches are then rebuilt.
-PREP_VERSION = 2
+PREP_VERSION = 3
 SPLITS = ("train", "eval")
 # Rows tokenized per sentencepiece batch call (threads split a batch).
 TOKENIZE_BATCH = 256
@@ -138,13 +139,20 @@ def build_tiny_tokenizer(sample_path: Path, out_path: Path, vocab_size: int = 20
 
 # ----------------------------------------------------------------------------- 4. tokenize
 
+# Tokens a row adds around its prompt and completion: BOS before, ``<end_of_turn>`` and EOS after.
+ROW_EXTRA_TOKENS = 3
+
+
 def example_from_ids(sp: spm.SentencePieceProcessor, prompt_ids: list[int], completion_ids: list[int],
                      max_len: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``BOS + prompt + completion + <end_of_turn>`` and its loss mask (1 on the completion), or None if too long."""
-    n_prompt, n = 1 + len(prompt_ids), 1 + len(prompt_ids) + len(completion_ids) + 1
+    """``BOS + prompt + completion + <end_of_turn> + EOS`` and its loss mask (1 on the completion and both closing
+    tokens), or None if too long. The model learns to end its turn and then the sequence: the hackathon's judges
+    sample with Tunix's Sampler, which stops only on the tokenizer's EOS unless told other stop tokens."""
+    n_prompt, n = 1 + len(prompt_ids), len(prompt_ids) + len(completion_ids) + ROW_EXTRA_TOKENS
     if n > max_len:
         return None
-    tokens = np.array([sp.bos_id(), *prompt_ids, *completion_ids, sp.piece_to_id(END_OF_TURN)], dtype=np.int32)
+    tokens = np.array([sp.bos_id(), *prompt_ids, *completion_ids, sp.piece_to_id(END_OF_TURN), sp.eos_id()],
+                      dtype=np.int32)
     loss_mask = (np.arange(n) >= n_prompt).astype(np.int32)
     return tokens, loss_mask
 
@@ -302,7 +310,7 @@ def cache_key(cfg: Config, tokenizer_path: Path) -> dict[str, Any]:
         "max_len": d.max_len, "pack": d.pack, "pack_buffer": d.pack_buffer,
         "tokenizer": str(tokenizer_path),
         "tokenizer_sha256": _sha256(tokenizer_path),
-        "prompt_format_sha256": hashlib.sha256((INSTRUCTION + GEMMA_CHAT_TEMPLATE).encode()).hexdigest(),
+        "prompt_format_sha256": hashlib.sha256(PROMPT_TEMPLATE.encode()).hexdigest(),
     }
 
 
@@ -400,7 +408,7 @@ def kept_lengths(rows: list[tuple[np.ndarray, np.ndarray]], tokenized_lengths: l
                  ) -> dict[str, Any]:
     """Token lengths of the kept rows (all splits) and of every tokenized row before the max_len filter.
 
-    Completion lengths count the loss tokens, ``<end_of_turn>`` included: what generation must have room for.
+    Completion lengths count the loss tokens, ``<end_of_turn>`` and EOS included: what generation must have room for.
     """
     return {
         "row_tokens": percentiles(len(tokens) for tokens, _ in rows),
@@ -487,7 +495,8 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
         for (prompt, _, completion), p_ids, c_ids in zip(pending, prompt_ids, completion_ids, strict=True):
             example = example_from_ids(sp, p_ids, c_ids, cfg.max_len)
             kept += example is not None
-            yield RowResult(example, "" if example else "too_long", prompt, completion, 2 + len(p_ids) + len(c_ids))
+            yield RowResult(example, "" if example else "too_long", prompt, completion,
+                            len(p_ids) + len(c_ids) + ROW_EXTRA_TOKENS)
         pending = []
         if kept_wanted and kept >= kept_wanted:
             return
@@ -579,6 +588,16 @@ def generation_budget(data_dir: str | Path) -> int:
     return -(-longest // GENERATION_BUDGET_STEP) * GENERATION_BUDGET_STEP
 
 
+def prompt_budget(d: DataConfig) -> int:
+    """The notebook's MAX_PROMPT_LENGTH: the longest row trained on (``max_len``) rounded up to a power of two.
+
+    The judges' Sampler cache holds MAX_PROMPT_LENGTH + MAX_GENERATION_STEPS + 256 tokens, and Tunix's Sampler
+    pads a batch of prompts to the next power of two of the longest: a power of two here lets every prompt of up
+    to this many tokens (long texts to summarise included) fit with the whole generation budget.
+    """
+    return 1 << (d.max_len - 1).bit_length()
+
+
 def resolve_max_new_tokens(cfg: Config, data_dir: str | Path) -> int:
     """``eval.max_new_tokens`` if set, else the budget derived from the prepared data (generation_budget)."""
     return cfg.eval.max_new_tokens or generation_budget(data_dir)
@@ -648,7 +667,7 @@ def eval_batches(data_dir: str | Path, batch_size: int) -> list[dict[str, np.nda
 
 
 def completion_lengths(data_dir: str | Path, split: str = "train") -> np.ndarray:
-    """Loss tokens (completion + ``<end_of_turn>``) of every stored row of a split."""
+    """Loss tokens (completion + ``<end_of_turn>`` + EOS) of every stored row of a split."""
     mask = np.load(_array_path(Path(data_dir), split, "loss_mask"), mmap_mode="r")
     row_offsets = np.load(_array_path(Path(data_dir), split, "row_offsets"))
     return np.add.reduceat(np.asarray(mask, np.int64), row_offsets[:-1]) if len(row_offsets) > 1 else np.zeros(0)
@@ -671,7 +690,7 @@ def summary_line(data_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = config_from_argv(argv, "data_prep", __doc__)
+    cfg, _ = settings_from_argv(argv, "data_prep", __doc__)
     try:
         data_dir = prepare(cfg)
     except ConfigError as err:

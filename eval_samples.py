@@ -31,10 +31,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from config import ASSETS_DIR, REAL_MODEL_SIZES, Config, ConfigError, EvalConfig, config_from_argv
+from config import ASSETS_DIR, REAL_MODEL_SIZES, Config, ConfigError, EvalConfig
+from rundir import check_same_tokenizer, checkpoint_step, restore_lora, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "eval_samples", __doc__)
+    settings_from_argv(None, "eval_samples", __doc__)
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ from matplotlib.figure import Figure
 
 import data_prep
 from chat_format import check_format
-from model import build_model, check_same_tokenizer, checkpoint_step, evaluate_loss, generate, make_mesh, restore_lora
+from model import build_model, evaluate_loss, generate, make_mesh
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
 SAMPLES_PER_DOMAIN = 2  # full samples shown in report.md for each domain
@@ -254,7 +255,8 @@ def plot_lengths(records: list[dict], path: Path, training_completions: np.ndarr
     for limit, style, name in ((budget, "--", f"budget {budget}"), (HACKATHON_TOKENS, ":", "1,024 tokens")):
         if limit:
             axes[2].axvline(limit, color="tab:red", linestyle=style, label=name)
-    axes[2].set(title="completion length", xlabel="tokens (with <end_of_turn> for training rows)", ylabel="share")
+    axes[2].set(title="completion length", xlabel="tokens (with <end_of_turn> and EOS for training rows)",
+                ylabel="share")
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -279,12 +281,12 @@ def write_outputs(out_dir: Path, records: list[dict], summary: dict[str, dict], 
 def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path | None = None,
              compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
     """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
-    step = checkpoint_step(run_dir, step)  # fail before any heavy work
+    step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
     tokenizer = data_prep.load_tokenizer(cfg.model)  # it must fit the model's embedding: checked before the build
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = build_model(cfg, mesh)
-        step = restore_lora(model, run_dir, step)
+        restore_lora(model, run_dir, step)
         data_dir = data_prep.prepare(cfg)  # reuses the training run's preparation when the settings match
         check_same_tokenizer(run_dir, data_dir)
         ecfg = dataclasses.replace(cfg.eval, max_new_tokens=data_prep.resolve_max_new_tokens(cfg, data_dir))
@@ -298,7 +300,8 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
                 model = build_model(cfg, mesh, with_lora=False)
             if not loss_only:
                 records += [checked(r, tokenizer) for r in generate(model, tokenizer, prompts, ecfg, name)]
-            losses[name] = evaluate_loss(model, batches, cfg.model.loss_chunk)
+            losses[name] = evaluate_loss(model, batches, cfg.model.loss_chunk, cfg.model.attention,
+                                          cfg.model.attention_block)
     meta = {"run": str(run_dir), "step": step, "preset": cfg.preset, "prompts": len(prompts),
             "decoding": "none (--loss-only)" if loss_only else _decoding(ecfg, cfg.eval.max_new_tokens == 0),
             "max_new_tokens": ecfg.max_new_tokens, "eval": dataclasses.asdict(ecfg)}
@@ -317,7 +320,7 @@ def _decoding(e: EvalConfig, derived: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    cfg, args = config_from_argv(argv, "eval_samples", __doc__)
+    cfg, args = settings_from_argv(argv, "eval_samples", __doc__)
     try:
         return evaluate(cfg, Path(args.run), args.step, Path(args.out) if args.out else None,
                         args.compare_base, args.loss_only)

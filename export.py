@@ -1,15 +1,19 @@
-"""Stage 4: merge a run's LoRA into Gemma's weights and export them, for Tunix or for Hugging Face.
+"""Stage 4: a run's LoRA, for the hackathon's judges and for Tunix, or merged for Hugging Face.
 
     python export.py --preset kaggle --run runs/kaggle --format orbax --out exports/kaggle
     python export.py --preset kaggle --run runs/kaggle --format hf --out exports/kaggle-hf
-    python export.py --preset unrestricted --run runs/unrestricted --format orbax --out exports/unrestricted \\
-        --upload USER/gemma2-2b-tunix-reasoning/jax/unrestricted
+    python export.py --preset unrestricted --run runs/unrestricted --out exports/unrestricted --upload USER/MODEL
 
-``orbax`` writes the Kaggle Flax layout that Tunix's loaders read (``tunix.models.gemma.params.
-load_and_format_params`` for Gemma2, ``tunix.models.gemma3.params.create_model_from_checkpoint`` for Gemma3):
-OUT/gemma2-2b-it/ (or OUT/gemma3-1b-it/) + OUT/tokenizer.model, so OUT also works as ``--model.checkpoint_dir``:
-this is the unrestricted-mode submission. ``hf`` writes a ``Gemma2ForCausalLM`` (or, for Gemma3-1B, text-only
-``Gemma3ForCausalLM``) directory (config.json, model.safetensors, tokenizer files) for transformers and vLLM.
+``orbax`` writes one Kaggle model variation, the unrestricted-mode submission, laid out for the submission
+template's cells: they download ``USER/MODEL/jax/size`` (``--upload USER/MODEL`` publishes there) and restore the
+LoRA weights from the folder itself with ``ocp.StandardCheckpointer`` into ``lora_policy``, or from
+``actor/<step>/model_params`` below it (the template's "may need to append"): both hold the run's LoRA
+checkpoint (its ``model_params``, byte for byte). Beside them: the LoRA merged into the base model in the Kaggle
+Flax layout that Tunix's loaders read (OUT/gemma2-2b-it/ for ``tunix.models.gemma.params.load_and_format_params``
++ ``Gemma.from_params(params, version="2-2b-it")``; OUT/gemma3-1b-it/ for ``tunix.models.gemma3.params.
+create_model_from_checkpoint``), and OUT/tokenizer.model, so OUT also works as ``--model.checkpoint_dir``. ``hf``
+writes a merged ``Gemma2ForCausalLM`` (or, for Gemma3-1B, text-only ``Gemma3ForCausalLM``) directory
+(config.json, model.safetensors, tokenizer files) for transformers and vLLM.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import EXPORT_FORMATS, Config, ConfigError, config_from_argv, model_family
+from config import EXPORT_FORMATS, Config, ConfigError, model_family
+from rundir import check_export_dir, checkpoint_dir, checkpoint_step, restore_lora, settings_from_argv, upload_handle
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "export", __doc__)
+    settings_from_argv(None, "export", __doc__)
 
 import jax
 import numpy as np
@@ -37,7 +42,7 @@ from tunix.models.gemma3 import model as gemma3_lib
 import data_prep
 from chat_format import END_OF_TURN, GEMMA_CHAT_TEMPLATE
 from kaggle_weights import checkpoint_folder_names
-from model import Params, build_model, checkpoint_step, gemma_config, make_mesh, merged_params, restore_lora
+from model import Params, build_model, gemma_config, make_mesh, merged_params
 
 # Gemma derivatives are published under the Gemma terms.
 LICENSE_NAME = "Gemma"
@@ -61,14 +66,13 @@ HF_LAYER_NAMES = {
 # ----------------------------------------------------------------------------- merge
 
 
-
-def load_merged(cfg: Config, run_dir: Path, step: int | None = None) -> tuple[Params, int]:
-    """Builds the base model and LoRA as training does, restores the run's LoRA and merges it."""
+def load_merged(cfg: Config, run_dir: Path, step: int) -> Params:
+    """Builds the base model and LoRA as training does, restores the run's LoRA at step and merges it."""
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = build_model(cfg, mesh)
-        step = restore_lora(model, run_dir, step)
-        return merged_params(model, cfg.lora.alpha, cfg.lora.rank), step
+        restore_lora(model, run_dir, step)
+        return merged_params(model, cfg.lora.alpha, cfg.lora.rank)
 
 
 # ----------------------------------------------------------------------------- Kaggle Flax (orbax) layout
@@ -103,9 +107,15 @@ def save_kaggle_checkpoint(params: Params, path: Path, family: str) -> None:
         ckptr.save(path.resolve(), kaggle_layout(params, family), force=True)
 
 
-def write_orbax(params: Params, cfg: Config, out_dir: Path) -> Path:
-    """OUT/<variation>/ (orbax, Kaggle layout) + OUT/tokenizer.model; returns the checkpoint folder."""
+def write_orbax(params: Params, cfg: Config, run_dir: Path, step: int, out_dir: Path) -> Path:
+    """The Kaggle model variation the template reads: the run's LoRA checkpoint at OUT itself and at
+    OUT/actor/<step>/model_params, the merged weights at OUT/<variation>/ (orbax, Kaggle layout) and
+    OUT/tokenizer.model; returns the merged checkpoint's folder. OUT must be new, empty or an earlier export."""
+    lora = checkpoint_dir(run_dir) / str(step) / "model_params"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in lora.iterdir():  # the folder itself is a StandardCheckpointer checkpoint of the LoRA
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, out_dir / entry.name)
+    shutil.copytree(lora, out_dir / "actor" / str(step) / "model_params")
     path = (out_dir / checkpoint_folder_names(cfg.model)[0]).resolve()
     save_kaggle_checkpoint(params, path, model_family(cfg.model))
     shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
@@ -223,11 +233,9 @@ def has_kaggle_credentials() -> bool:
     return (Path(os.environ.get("KAGGLE_CONFIG_DIR", "~/.kaggle")).expanduser() / "kaggle.json").is_file()
 
 
-def upload(out_dir: Path, handle: str, notes: str) -> bool:
-    """Publishes out_dir as a new version of the Kaggle model handle; without credentials prints how to."""
-    if len(handle.split("/")) != 4:
-        raise ConfigError(f"--upload {handle!r} is not a Kaggle model handle: use OWNER/MODEL/FRAMEWORK/VARIATION, "
-                          f"e.g. USER/gemma2-2b-tunix-reasoning/jax/unrestricted")
+def upload(out_dir: Path, model: str, notes: str) -> bool:
+    """Publishes out_dir as a new version of USER/MODEL/jax/size; without credentials prints how to."""
+    handle = upload_handle(model)
     if not has_kaggle_credentials():
         print("no Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json): to publish, "
               "set them and run\n"
@@ -237,7 +245,7 @@ def upload(out_dir: Path, handle: str, notes: str) -> bool:
     import kagglehub
 
     kagglehub.model_upload(handle, str(out_dir.resolve()), license_name=LICENSE_NAME, version_notes=notes)
-    print(f"uploaded {out_dir} to https://www.kaggle.com/models/{'/'.join(handle.split('/')[:2])}")
+    print(f"uploaded {out_dir} to https://www.kaggle.com/models/{model}: set unrestricted_kaggle_model = {model!r}")
     return True
 
 
@@ -245,17 +253,22 @@ def upload(out_dir: Path, handle: str, notes: str) -> bool:
 
 
 def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None = None,
-           upload_handle: str = "") -> Path:
-    """Merges the LoRA of run_dir at step (default: the latest) and writes it to out_dir as fmt; returns out_dir."""
+           upload_model: str = "") -> Path:
+    """Exports the LoRA of run_dir at step (default: the latest) to out_dir as fmt, and with ``upload_model``
+    (USER/MODEL, orbax only) publishes it to USER/MODEL/jax/size; returns out_dir."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(EXPORT_FORMATS)}")
-    step = checkpoint_step(run_dir, step)  # fail before any heavy work
+    check_export_dir(out_dir, fmt, upload_model)
+    step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
     data_prep.load_tokenizer(cfg.model)  # the tokenizer the export ships must fit the model: checked before the build
-    params, step = load_merged(cfg, run_dir, step)
+    params = load_merged(cfg, run_dir, step)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # an earlier export (check_export_dir): no file of it is left to mix with this one
     if fmt == "orbax":
-        where = write_orbax(params, cfg, out_dir)
-        print(f"wrote {where} (Kaggle Flax layout) and {out_dir / 'tokenizer.model'}: load it with "
-              f"--model.checkpoint_dir {out_dir}")
+        where = write_orbax(params, cfg, run_dir, step, out_dir)
+        print(f"wrote {out_dir}: the LoRA of step {step} (restorable from the folder and from "
+              f"actor/{step}/model_params), and {where} merged (Kaggle Flax layout) with tokenizer.model: load it "
+              f"with --model.checkpoint_dir {out_dir}")
     else:
         write_hf(params, cfg, out_dir)
         architecture = json.loads((out_dir / "config.json").read_text())["architectures"][0]
@@ -263,13 +276,13 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
     (out_dir / "export.json").write_text(json.dumps(
         {"run": str(run_dir), "step": step, "format": fmt, "preset": cfg.preset, "model": cfg.model.name,
          "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}}, indent=2) + "\n")
-    if upload_handle:
-        upload(out_dir, upload_handle, f"{cfg.preset} run {run_dir.name}, step {step}, LoRA merged ({fmt})")
+    if upload_model:
+        upload(out_dir, upload_model, f"{cfg.preset} run {run_dir.name}, step {step}: LoRA + merged weights")
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg, args = config_from_argv(argv, "export", __doc__)
+    cfg, args = settings_from_argv(argv, "export", __doc__)
     try:
         return export(cfg, Path(args.run), args.format, Path(args.out), args.step, args.upload)
     except ConfigError as err:

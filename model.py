@@ -3,8 +3,8 @@
 One code path for Gemma2 and Gemma3 (Tunix's ``tunix.models.gemma`` and ``gemma3``, chosen by ``model.name``):
 config -> abstract Gemma (``nnx.eval_shape``) -> base weights restored straight into their shards
 (the Kaggle Flax checkpoint, converted once to an NNX cache, or random weights for the tiny model)
--> qwix LoRA -> the forward pass with a packed-row attention mask -> the loss -> FLOPs -> LoRA weights
-of a run directory (restore, compatibility checks) -> the LoRA merge that export writes.
+-> qwix LoRA -> the forward pass with a packed-row attention mask -> the loss -> generation -> FLOPs
+-> the LoRA merge that export writes (a run's LoRA weights are restored by ``rundir.restore_lora``).
 
 Training (``train_sft.py``), evaluation (``eval_samples.py``) and export (``export.py``) all get their
 model from here.
@@ -12,14 +12,13 @@ model from here.
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
 import re
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,8 @@ import orbax.checkpoint as ocp
 import qwix
 import sentencepiece as spm
 from flax import nnx, traverse_util
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from tqdm import tqdm
 from tunix.generate.sampler import CacheConfig, Sampler
 from tunix.generate.utils import next_power_of_2
@@ -40,26 +41,18 @@ from tunix.models.gemma import params as gemma_params
 from tunix.models.gemma3 import model as gemma3_lib
 from tunix.models.gemma3 import params as gemma3_params
 
-from chat_format import END_OF_TURN, build_prompt
+from chat_format import END_OF_TURN, build_prompt, tokens_after_answer
 from config import (
-    CHECKPOINT_SUBDIR,
     LORA_MODULES,
     REAL_MODEL_SIZES,
     Config,
     ConfigError,
     EvalConfig,
     ModelConfig,
-    existing_run_dir,
     model_family,
 )
 from kaggle_weights import kaggle_checkpoint_dir
 
-# The items of a training checkpoint, and the custom metadata a resume needs (data position, step plan).
-CHECKPOINT_ITEMS = ("model_params", "optimizer_state")
-RESUME_METADATA = ("data_iterator", "planned_steps")
-# The lock file of a run directory, and the runs this process holds (one writer per run).
-RUN_LOCK = "run.lock"
-_HELD_LOCKS: dict[Path, Any] = {}
 # Peak dense bf16 FLOP/s of one device, by the start of its jax device_kind (the longest match wins), for model
 # FLOPs utilisation. NVIDIA's kinds carry the memory and form factor ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB
 # HBM3"): the A100s all peak at 312e12; an H100 or H200 at 989e12 in SXM form, less as PCIe or NVL cards.
@@ -281,6 +274,102 @@ def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, kind)))
 
 
+# ----------------------------------------------------------------------------- fused attention (splash)
+# Everything that changes Tunix's Gemma2 attention lives in this section. Tunix 0.1.7's ``Attention.block`` computes
+# [batch, heads, T, S] scores, their soft-cap, mask and softmax in HBM; with ``model.attention`` "splash" the
+# training and eval-loss forward passes (no KV cache) hand that part to JAX's Pallas TPU splash kernel instead.
+# The model gets the packed rows' segment ids (a ``PackedSegments``) where Tunix takes its [B, T, S] mask; with a
+# cache (decoding) or a mask (the "xla" setting) the swapped method is Tunix's own, unchanged.
+# tests/test_attention.py pins the Tunix version and the source of the method replaced here.
+
+TUNIX_ATTENTION_BLOCK = gemma_lib.Attention.block
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedSegments:
+    """Segment ids [B, T] of packed rows (0 = padding), given to the model in place of an attention mask: it runs
+    the splash kernel with blocks of ``block`` positions (fewer when the window is shorter)."""
+
+    ids: jax.Array
+    block: int = dataclasses.field(metadata={"static": True})
+
+
+def _context_mesh() -> Any:
+    """The mesh the step runs under: Tunix's legacy ``with mesh:`` (the trainer) or ``jax.set_mesh``; None outside."""
+    mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+    mesh = jax.sharding.get_abstract_mesh() if mesh.empty else mesh
+    return None if mesh.empty else mesh
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segments: PackedSegments,
+                     window: int | None, soft_cap: float | None, spec: tuple[str | None, ...]) -> jax.Array:
+    """Causal attention of packed rows, [B, T, N, H] pre-scaled queries over [B, T, K, H] keys and values (GQA:
+    N a multiple of K), within each row only, and within ``window`` positions of the query when it is set.
+
+    Under a mesh each device runs the kernel on its own rows (and heads), sharded as ``spec`` ([B, T, N, H])
+    says. The kernel is built per trace: one kept across traces holds its mask as arrays of another trace. It
+    runs in interpret mode where the devices are CPUs (the tests), and refuses GPUs (it is a TPU kernel)."""
+    mesh = _context_mesh()
+    platform = mesh.abstract_mesh.abstract_device.platform if mesh is not None else jax.default_backend()
+    if platform not in ("tpu", "cpu"):
+        raise ConfigError(f"--model.attention splash is a TPU kernel and cannot run on {platform}: use "
+                          "--model.attention xla")
+    length = query.shape[1]
+    block = min(segments.block, length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+        shape = (length, length)
+        mask = splash_mask.LocalMask(shape, (window - 1, 0), 0) if window else splash_mask.CausalMask(shape)
+        kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * q.shape[2]), block_sizes=sizes,
+                                        attn_logits_soft_cap=soft_cap, head_shards=1, q_seq_shards=1,
+                                        interpret=platform == "cpu")
+
+        def one_row(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+            out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), segment_ids=splash.SegmentIds(ids, ids))
+            return out.swapaxes(0, 1)
+
+        return jax.vmap(one_row)(q, k, v, ids)
+
+    if mesh is None:
+        return attend(query, key, value, segments.ids)
+    spec = tuple(axis if axis in mesh.axis_names else None for axis in spec)
+    heads, rows = jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(*spec[:2])
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                         check_vma=False)(query, key, value, segments.ids)
+
+
+def _attention_block(self: gemma_lib.Attention, x: jax.Array, segment_pos: jax.Array, cache: Any,
+                     attn_mask: jax.Array | PackedSegments) -> tuple[Any, jax.Array]:
+    """Tunix's ``Attention.block`` with its scores, soft-cap, mask, softmax and value sum done by
+    ``splash_attention`` when given ``PackedSegments`` without a cache; Tunix's own method otherwise."""
+    if not isinstance(attn_mask, PackedSegments):
+        return TUNIX_ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
+    if cache is not None:
+        raise ValueError("packed segment ids are for cache-free forward passes: decode with Tunix's mask")
+    # As Tunix 0.1.7 computes them: projections (qwix adds LoRA to these einsums), RoPE, the query scale.
+    if self.use_qkv_einsum:
+        query_proj, key_proj, value_proj = self.qkv_einsum(x)
+    else:
+        query_proj = self.q_einsum(x)
+        key_proj, value_proj = self.kv_einsum(x)
+    query_proj = gemma_lib.shard(query_proj, self.shd_config.act_btnh)
+    key_proj = gemma_lib.shard(key_proj, self.shd_config.act_btnh)
+    value_proj = gemma_lib.shard(value_proj, self.shd_config.act_btnh)
+    query_scaled = gemma_lib.apply_rope(query_proj, segment_pos, head_dim=self.head_dim) * self.head_dim**-0.5
+    key_proj = gemma_lib.apply_rope(key_proj, segment_pos, head_dim=self.head_dim)
+    window = self.sliding_window_size if self.attn_type == gemma_lib.AttentionType.LOCAL_SLIDING else None
+    encoded = splash_attention(query_scaled, key_proj, value_proj, attn_mask, window, self.attn_logits_soft_cap,
+                               self.shd_config.act_btnh)
+    attn_output = self.attn_vec_einsum(encoded)
+    return None, gemma_lib.shard(attn_output, self.shd_config.act_btd)
+
+
+gemma_lib.Attention.block = _attention_block
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -291,10 +380,21 @@ def packed_attention_mask(segment_ids: jax.Array) -> jax.Array:
     return same_row & causal[None] & (segment_ids > 0)[:, :, None]
 
 
-def gen_model_input(batch: dict[str, Any]) -> dict[str, Any]:
-    """Batch from the loader -> keyword arguments of the loss (runs inside the jitted step)."""
+def gen_model_input(batch: dict[str, Any], attention: str = ModelConfig.attention,
+                    attention_block: int = ModelConfig.attention_block) -> dict[str, Any]:
+    """Batch from the loader -> keyword arguments of the loss (runs inside the jitted step). The attention mask
+    is Tunix's [B, L, L] one ("xla") or the segment ids themselves for the splash kernel ("splash")."""
+    segment_ids = batch["segment_ids"]
+    mask = (PackedSegments(segment_ids, attention_block) if attention == "splash"
+            else packed_attention_mask(segment_ids))
     return {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"], "positions": batch["positions"],
-            "attention_mask": packed_attention_mask(batch["segment_ids"])}
+            "attention_mask": mask}
+
+
+def make_gen_model_input(model_cfg: ModelConfig) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``gen_model_input`` with the configured attention, for ``PeftTrainer.with_gen_model_input_fn``."""
+    return functools.partial(gen_model_input, attention=model_cfg.attention,
+                             attention_block=model_cfg.attention_block)
 
 
 def token_losses(model: nnx.Module, tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array
@@ -357,11 +457,21 @@ def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, we
     return total
 
 
+def row_loss_chunk(loss_chunk: int, positions: int) -> int:
+    """The chunk the loss takes on rows of ``positions`` predicted positions: ``loss_chunk``, but at most a
+    quarter of a row; 0 (the full logits) when ``loss_chunk`` is 0 or one chunk would cover the row. A chunk's
+    backward holds about five [chunk, vocab] blocks against under three row-sized ones for the full loss, so a
+    chunk of half a row or more costs as much as the full logits (benchmarks/results_loss_memory.md)."""
+    chunk = min(loss_chunk, -(-positions // 4))
+    return chunk if 0 < chunk < positions else 0
+
+
 def nll_sums(model: nnx.Module, tokens: jax.Array, loss_mask: jax.Array, positions: jax.Array,
              attention_mask: jax.Array, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of the loss tokens' NLL, number of loss tokens). ``loss_chunk`` positions per row at a time
-    (``chunked_nll_sum``), or 0 for the full [B, L, vocab] logits at once."""
+    (``chunked_nll_sum``, as ``row_loss_chunk`` fits it to the row), or 0 for the full [B, L, vocab] logits."""
     weights = loss_mask[:, 1:].astype(jnp.float32)
+    loss_chunk = row_loss_chunk(loss_chunk, weights.shape[1])
     if loss_chunk:
         hidden = final_hidden_states(model, tokens, positions, attention_mask)[:, :-1]
         nll_sum = chunked_nll_sum(model, hidden, tokens[:, 1:], weights, loss_chunk)
@@ -389,18 +499,19 @@ def make_loss_fn(loss_chunk: int) -> Callable[..., tuple[jax.Array, dict[str, ja
     return chunked_loss_fn
 
 
-@functools.partial(nnx.jit, static_argnames="loss_chunk")
-def _batch_nll_sums(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int
-                    ) -> tuple[jax.Array, jax.Array]:
-    return nll_sums(model, **gen_model_input(batch), loss_chunk=loss_chunk)
+@functools.partial(nnx.jit, static_argnames=("loss_chunk", "attention", "attention_block"))
+def _batch_nll_sums(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk: int, attention: str,
+                    attention_block: int) -> tuple[jax.Array, jax.Array]:
+    return nll_sums(model, **gen_model_input(batch, attention, attention_block), loss_chunk=loss_chunk)
 
 
 def evaluate_loss(model: nnx.Module, batches: list[dict[str, np.ndarray]],
-                  loss_chunk: int = ModelConfig.loss_chunk) -> dict[str, float]:
+                  loss_chunk: int = ModelConfig.loss_chunk, attention: str = ModelConfig.attention,
+                  attention_block: int = ModelConfig.attention_block) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over batches, without training."""
     total, count = 0.0, 0.0
     for batch in batches:
-        nll_sum, weight_sum = _batch_nll_sums(model, batch, loss_chunk)
+        nll_sum, weight_sum = _batch_nll_sums(model, batch, loss_chunk, attention, attention_block)
         total, count = total + float(nll_sum), count + float(weight_sum)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "loss_tokens": int(count)}
@@ -468,10 +579,12 @@ def generate(model: nnx.Module, tokenizer: spm.SentencePieceProcessor, prompts: 
                       forbidden_tokens=undecodable_ids(tokenizer, model), **sampling)
         seconds = time.perf_counter() - began
         # The sampler cuts each output before its first stop token: a full-length output never stopped.
-        lengths = [len(tokens) for tokens in out.tokens[:len(chunk)]]
-        for prompt, text, length in zip(prompts[start:start + batch_size], out.text, lengths, strict=False):
+        outputs = [[int(t) for t in tokens] for tokens in out.tokens[:len(chunk)]]
+        lengths = [len(tokens) for tokens in outputs]
+        for prompt, text, tokens in zip(prompts[start:start + batch_size], out.text, outputs, strict=False):
             records.append({"model": name, "domain": prompt["domain"], "prompt": prompt["prompt"], "output": text,
-                            "truncated": length >= ecfg.max_new_tokens, "generated_tokens": length,
+                            "truncated": len(tokens) >= ecfg.max_new_tokens, "generated_tokens": len(tokens),
+                            "tokens_after_answer": tokens_after_answer(tokens, tokenizer.decode),
                             "batch": batch, "tokens_per_s": sum(lengths) / seconds})
     return records
 
@@ -500,195 +613,6 @@ def peak_flops(cfg: Config) -> float | None:
     """Peak FLOP/s of all devices together: ``run.peak_flops_per_device`` if set, else looked up by device kind."""
     per_device = cfg.run.peak_flops_per_device or device_peak_flops(jax.devices()[0].device_kind)
     return per_device * jax.device_count() if per_device else None
-
-
-
-# ----------------------------------------------------------------------------- LoRA weights of a run directory
-
-
-def lock_run(run_dir: Path) -> None:
-    """One run directory, one writer: an OS lock on ``run_dir/run.lock`` that this process holds until
-    ``unlock_run`` or its death (the OS drops it even on SIGKILL, so a killed run never blocks its re-run).
-    A second process stops at once with one line naming the holder."""
-    run_dir = Path(run_dir).resolve()
-    if run_dir in _HELD_LOCKS:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = _try_lock(run_dir)
-    if isinstance(handle, str):
-        raise ConfigError(f"{run_dir} is being trained by {handle}: wait for it to finish or stop it, "
-                          f"or pass another --out")
-    _HELD_LOCKS[run_dir] = handle
-
-
-def unlock_run(run_dir: Path) -> None:
-    handle = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
-    if handle is not None:
-        handle.close()
-
-
-def _try_lock(run_dir: Path) -> Any:
-    """The locked, holder-stamped lock file, or the holder's description when another process has it."""
-    handle = (run_dir / RUN_LOCK).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        return holder
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
-
-
-def _step_numbers(ckpt_dir: Path) -> list[int]:
-    """Step directories, newest first (set-aside ``<step>.damaged-*`` and orbax temporaries are not steps)."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
-
-
-def _checkpoint_manager(ckpt_dir: Path) -> ocp.CheckpointManager:
-    """A manager that only reads (its default options neither save nor clean anything up)."""
-    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers={
-        item: ocp.PyTreeCheckpointHandler() for item in CHECKPOINT_ITEMS})
-
-
-# Checkpoints this process has read back whole, by (metadata path, its mtime): each is read once, not once per
-# caller (evaluation asks for its step, then restores it).
-_READ_BACK_WHOLE: set[tuple[Path, int]] = set()
-
-
-def checkpoint_problem(ckpt_dir: Path, step: int) -> str | None:
-    """Why checkpoint ``step`` cannot be resumed from, or None when all of it reads back: its metadata with the
-    data position and step plan, and every array of the LoRA weights and the optimizer state."""
-    metadata_path = ckpt_dir / str(step) / "_CHECKPOINT_METADATA"
-    try:
-        read_back = (metadata_path, metadata_path.stat().st_mtime_ns)
-        if read_back in _READ_BACK_WHOLE:
-            return None
-        custom = json.loads(metadata_path.read_text())["custom_metadata"]
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        return f"its _CHECKPOINT_METADATA does not read ({type(err).__name__})"
-    if not isinstance(custom, dict) or any(key not in custom for key in RESUME_METADATA):
-        return "its _CHECKPOINT_METADATA lacks the data position and step plan"
-    try:
-        with _checkpoint_manager(ckpt_dir) as mgr:
-            saved = mgr.item_metadata(step)
-            mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[item], is_leaf=lambda x: hasattr(x, "shape")))
-                for item in CHECKPOINT_ITEMS}))
-    except Exception as err:  # orbax and tensorstore fail in many ways; any of them means damage
-        return f"it does not read back: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
-    _READ_BACK_WHOLE.add(read_back)
-    return None
-
-
-def _set_aside(run_dir: Path, step: int, reason: str) -> None:
-    """Renames a damaged step directory out of the way (never deletes it), unless another process is writing
-    the run; either way says so in one line."""
-    run_dir = Path(run_dir)
-    step_dir = run_dir / CHECKPOINT_SUBDIR / str(step)
-    where = f"checkpoint {step_dir} cannot be restored ({reason})"
-    held = run_dir.resolve() in _HELD_LOCKS
-    handle = None if held else _try_lock(run_dir)
-    if isinstance(handle, str):
-        print(f"{where}: skipped; not set aside while {handle} trains into {run_dir}")
-        return
-    try:
-        target = step_dir.with_name(f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
-        step_dir.rename(target)
-        print(f"{where}: set aside as {target}")
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def good_steps(run_dir: Path, newest_only: bool = True) -> list[int]:
-    """Checkpoint steps of a run that read back whole, newest first (only the newest by default). Damaged
-    ones met on the way are reported and set aside, so training, evaluation, export and --init-from all
-    resume from the newest good checkpoint."""
-    ckpt_dir, good = Path(run_dir) / CHECKPOINT_SUBDIR, []
-    for step in _step_numbers(ckpt_dir):
-        if (reason := checkpoint_problem(ckpt_dir, step)) is not None:
-            _set_aside(run_dir, step, reason)
-            continue
-        good.append(step)
-        if newest_only:
-            break
-    return good
-
-
-def latest_step(run_dir: Path) -> int | None:
-    """The newest checkpoint of a run that can be restored, or None."""
-    return next(iter(good_steps(run_dir)), None)
-
-
-def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
-    """The checkpoint step to load from a run directory (its newest good one by default), checked before any
-    model is built: a missing run, checkpoint or step stops with one line."""
-    run_dir = existing_run_dir(run_dir)
-    steps = good_steps(run_dir, newest_only=step is None)
-    if not steps:
-        raise ConfigError(f"no checkpoint that can be restored in {run_dir / CHECKPOINT_SUBDIR}: train first "
-                          f"with `python train_sft.py --out {run_dir}` or point at another run directory")
-    if step is not None and step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step} that can be restored: it has steps "
-                          f"{sorted(steps)}")
-    return steps[0] if step is None else step
-
-
-def restore_lora(model: nnx.Module, run_dir: str | Path, step: int | None = None) -> int:
-    """Loads the LoRA weights of another run directory into model; returns the step it loaded.
-
-    Stops with one line naming both sides when the checkpoint is missing or was trained for
-    another model size or LoRA rank.
-    """
-    run_dir = Path(run_dir)
-    step = checkpoint_step(run_dir, step)
-    target = nnx.state(model, nnx.LoRAParam)
-    with _checkpoint_manager(run_dir / CHECKPOINT_SUBDIR) as mgr:
-        saved = mgr.item_metadata(step)["model_params"]
-        _check_compatible(run_dir, saved, target)
-        restored = mgr.restore(step, args=ocp.args.Composite(model_params=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-    nnx.update(model, restored.model_params)
-    return step
-
-
-def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
-    """A LoRA trained on other token ids is silently meaningless: refuse it."""
-    path = run_dir / "config.json"
-    theirs = json.loads(path.read_text()).get("data_manifest", {}) if path.exists() else {}
-    ours = json.loads((Path(data_dir) / "manifest.json").read_text())  # data_dir is prepared by now
-    if theirs.get("tokenizer_sha256", ours["tokenizer_sha256"]) != ours["tokenizer_sha256"]:
-        raise ConfigError(f"run {run_dir} was trained with tokenizer {theirs['tokenizer']} "
-                          f"(sha256 {theirs['tokenizer_sha256'][:12]}) but {data_dir} uses {ours['tokenizer']} "
-                          f"(sha256 {ours['tokenizer_sha256'][:12]}): set --model.tokenizer_path to the run's")
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """``"layers/0/attn/q_einsum/w_lora_a" -> shape`` for a model state or a checkpoint's metadata alike."""
-
-    def name(key: Any) -> str:
-        return str(next(getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)))
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {"/".join(map(name, path)).removesuffix("/value"): tuple(leaf.shape) for path, leaf in flat}
-
-
-def _check_compatible(run_dir: Path, saved: Any, target: nnx.State) -> None:
-    want, got = _shapes(target), _shapes(saved)
-    if want == got:
-        return
-    theirs = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else None
-    where = (f"model {theirs['model']['name']} with LoRA rank {theirs['lora']['rank']}" if theirs else
-             f"{len(got)} LoRA tensors")
-    first = next((k for k in want if got.get(k) != want[k]), next(iter(got), "?"))
-    raise ConfigError(f"checkpoint {run_dir} holds {where} ({first}: {got.get(first)}) but this model needs "
-                      f"{want.get(first)}: use the run's preset/--model.*/--lora.rank or another --run")
 
 
 

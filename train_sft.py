@@ -30,10 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from config import Config, ConfigError, check_saved_run, config_from_argv
+from config import Config, ConfigError
+from rundir import (
+    RunLock,
+    check_training_start,
+    checkpoint_dir,
+    checkpoint_step,
+    keep_newest_checkpoints,
+    newest_good_step,
+    restore_lora,
+    saved_steps,
+    settings_from_argv,
+)
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
-    config_from_argv(None, "train_sft", __doc__)
+    settings_from_argv(None, "train_sft", __doc__)
 
 import jax
 import jax.numpy as jnp
@@ -47,24 +58,17 @@ from tunix.sft import hooks, metrics_logger, peft_trainer
 import data_prep
 from chat_format import check_format
 from model import (
-    CHECKPOINT_SUBDIR,
     build_model,
     build_sampler,
-    check_same_tokenizer,
-    checkpoint_step,
     count_params,
     flops_per_token,
-    gen_model_input,
     generate,
-    latest_step,
-    lock_run,
+    make_gen_model_input,
     make_loss_fn,
     make_mesh,
     maybe_initialize_distributed,
     padded_prompt_length,
     peak_flops,
-    restore_lora,
-    unlock_run,
 )
 
 # Tunix 0.1.7's trainer and model read the mesh from the legacy `with mesh:` context (jax.set_mesh does not set it).
@@ -444,9 +448,13 @@ class TimedCheckpoints:
     def __init__(self, manager: Any, monitor: RunMonitor):
         self.manager, self.monitor = manager, monitor
 
-    def save(self, *args: Any, **kwargs: Any) -> bool:
+    def save(self, step: int, *args: Any, force: bool = False, **kwargs: Any) -> bool:
+        if step >= self.monitor.plan.total_steps and not force:
+            # The plan's last step is saved when the trainer closes, after its metrics rows: a run killed once that
+            # checkpoint exists has every row of it, and its re-run has nothing to add.
+            return False
         began = self.monitor.clock()
-        saved = self.manager.save(*args, **kwargs)
+        saved = self.manager.save(step, *args, force=force, **kwargs)
         if saved:
             self.monitor.save_times.append(self.monitor.clock() - began)
         return saved
@@ -521,7 +529,8 @@ def make_trainer(model: nnx.Module, cfg: Config, plan: StepPlan, **training: Any
     the configured (chunked) loss. The benchmarks and the TPU fit check compile this same step."""
     trainer = SFTTrainer(model, make_optimizer(cfg, plan), peft_trainer.TrainingConfig(
         gradient_accumulation_steps=cfg.run.grad_accum if cfg.run.grad_accum > 1 else None, **training))
-    trainer.with_gen_model_input_fn(gen_model_input).with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
+    trainer.with_gen_model_input_fn(make_gen_model_input(cfg.model))
+    trainer.with_loss_fn(make_loss_fn(cfg.model.loss_chunk), has_aux=True)
     return trainer
 
 
@@ -574,27 +583,24 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
     The run directory is locked for the whole run: one writer at a time.
     """
     run_dir = Path(cfg.run.out_dir)
-    if jax.process_index() == 0:  # the hosts of one multi-host run share the run directory
-        lock_run(run_dir)
+    # The hosts of one multi-host run share the run directory: the first one holds its lock.
+    lock = RunLock(run_dir) if jax.process_index() == 0 else None
     try:
-        return _train_locked(cfg, run_dir, data_dir, clock() if started is None else started, clock)
+        return _train_locked(cfg, run_dir, lock, data_dir, clock() if started is None else started, clock)
     finally:
-        unlock_run(run_dir)
+        if lock is not None:
+            lock.close()
 
 
-def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: float,
+def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path | None, started: float,
                   clock: Callable[[], float]) -> dict[str, Any]:
     data_prep.load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
     data_dir = data_dir or data_prep.prepare(cfg)
     windows = data_prep.num_windows(data_dir, "train")
-    resume_step = latest_step(run_dir)  # damaged newer checkpoints are set aside here
+    resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
     # A run that cannot resume this one stops before any model is built, and leaves its config.json alone.
-    check_saved_run(run_dir, cfg, "--out")
-    check_same_tokenizer(run_dir, data_dir)
-    if cfg.run.init_from and resume_step is None:
-        checkpoint_step(cfg.run.init_from)  # fail before any heavy work
-        check_saved_run(cfg.run.init_from, cfg, "--init-from")
-        check_same_tokenizer(Path(cfg.run.init_from), data_dir)
+    check_training_start(cfg, resume_step is not None, data_dir)
+    init_step = checkpoint_step(cfg.run.init_from) if cfg.run.init_from and resume_step is None else None
     probe_prompts = held_out_prompts(data_dir, cfg.eval.generate_prompts) if cfg.eval.generate_every else []
     (run_dir / "config.json").write_text(json.dumps(
         {**cfg.to_dict(), "data_manifest": data_prep.read_manifest(data_dir)}, indent=2))
@@ -604,9 +610,9 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
     with mesh, compilation_cache(cache_dir.resolve()):
         compile_log = CompileLog()
         model = build_model(cfg, mesh)
-        if cfg.run.init_from and resume_step is None:
-            step = restore_lora(model, cfg.run.init_from)
-            print(f"initialised LoRA from {cfg.run.init_from} step {step} (fresh optimizer)")
+        if init_step is not None:
+            restore_lora(model, cfg.run.init_from, init_step)
+            print(f"initialised LoRA from {cfg.run.init_from} step {init_step} (fresh optimizer)")
         data_steps = planned_steps(cfg.run.epochs, windows, cfg.effective_batch, cfg.run.max_steps)
         plan = StepPlan(data_steps, cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.end_lr_ratio)
         checkpoint_policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -615,7 +621,7 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
                 minimum_interval_secs=int(cfg.run.checkpoint_every_min * 60))])
         trainer = make_trainer(
             model, cfg, plan, eval_every_n_steps=cfg.run.eval_every, max_steps=plan.total_steps,
-            checkpoint_root_directory=str((run_dir / CHECKPOINT_SUBDIR).resolve()),
+            checkpoint_root_directory=str(checkpoint_dir(run_dir).resolve()),
             # Saves finish before training goes on, so each one is timed whole (the final save's reserve).
             checkpointing_options=ocp.CheckpointManagerOptions(
                 save_decision_policy=checkpoint_policy, max_to_keep=cfg.run.checkpoints_to_keep,
@@ -649,13 +655,19 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
 
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(monitor, "stop_requested", True))
         try:
-            trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
+            if trainer.train_steps < plan.total_steps:
+                trainer.train(iterator, eval_batches)  # the feeder supplies both; these only switch eval on
+            else:  # killed after its last checkpoint: the rows and the weights are all there
+                print(f"the plan of {run_dir} is done: nothing to train")
+                trainer.close()
         finally:
             signal.signal(signal.SIGTERM, previous)
             monitor.jsonl.close()
 
+    if lock is not None:
+        keep_newest_checkpoints(run_dir, cfg.run.checkpoints_to_keep)
     records = read_metrics(run_dir / "metrics.jsonl")
-    saved_step = latest_step(run_dir)
+    saved_step = next(iter(saved_steps(run_dir)), None)  # the trainer's last save
     plan_done = trainer.train_steps >= plan.total_steps
     summary = {
         "steps": trainer.train_steps, "data_steps": data_steps, "planned_steps": plan.total_steps,
@@ -670,7 +682,7 @@ def _train_locked(cfg: Config, run_dir: Path, data_dir: Path | None, started: fl
         "startup_s": None if monitor.training_started is None else monitor.training_started - started,
         "first_step_s": monitor.first_step_s, "save_s_max": max(monitor.save_times, default=None),
         "final_loss": _last(records, "loss"), "final_eval_loss": _last(records, "eval_loss"),
-        "checkpoint": None if saved_step is None else str(run_dir / CHECKPOINT_SUBDIR / str(saved_step)),
+        "checkpoint": None if saved_step is None else str(checkpoint_dir(run_dir) / str(saved_step)),
         "trainable_params": count_params(model, nnx.LoRAParam), "total_params": count_params(model),
         "step_s_median": monitor.step_seconds(), "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
@@ -692,7 +704,7 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg, args = config_from_argv(argv, "train_sft", __doc__)
+    cfg, args = settings_from_argv(argv, "train_sft", __doc__)
     try:
         maybe_initialize_distributed()
         explicit_data = "data.out_dir" in args.overrides  # prepared data given (checked by the preflight)

@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+
+from rundir import checkpoint_dir  # noqa: E402
+
 RESULTS_PATH = Path(__file__).with_name("results_compile_cache.md")
 STEPS = 4
 
@@ -64,7 +68,7 @@ def main() -> None:
         cold_dir = tmp_dir / "run_without_cache"
         shutil.copytree(first_dir, cold_dir)
         for run_dir in (first_dir, cold_dir):
-            shutil.rmtree(run_dir / "checkpoints" / str(STEPS))
+            shutil.rmtree(checkpoint_dir(run_dir) / str(STEPS))
         sessions["resumed session (its cache)"] = run_session(first_dir, data_dir)
         sessions["resumed session, empty cache"] = run_session(cold_dir, data_dir, "--run.compile_cache_dir",
                                                                str(tmp_dir / "empty_cache"))

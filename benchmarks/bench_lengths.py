@@ -5,10 +5,14 @@ Item 4 of issue 8: for each max_len, on the length-faithful distribution of ``as
 training rows, packing efficiency with and without packing (``data_prep.pack_rows``), tokens per epoch,
 the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs, for each model
 (Gemma2-2B-it and Gemma3-1B-it: the same token lengths, see the results file on characters per token).
+With ``--step-s 2048=0.65 ...`` (the lower bound per optimizer step of 32 windows at each max_len, from
+``benchmarks/results_tpu_fit.md``; ``--step-s-gemma3`` for kaggle-gemma3's) it also gives the hours of 4 epochs at
+that bound and at 50% of it.
 Item 5: data-stage throughput on length-faithful rows of real character length
 (``bench_data_prep.throughput``). Writes ``benchmarks/results_lengths.md``.
 
-    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3]
+    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3] [--step-s 2048=0.65]
+        [--step-s-gemma3 2048=0.44]
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ EPOCHS = 4
 V5E_8_PEAK = 8 * 197e12  # bf16 FLOP/s of a TPU v5e-8 (../shared/NOTES.md)
 MFUS = (0.35, 0.50)
 TRAIN_BUDGET_HOURS = 8.0  # run.time_budget_min 480
-# The models whose FLOPs per token and hours the table shows, by their kaggle presets.
+# The models whose FLOPs per token and hours the table shows, by their kaggle presets, and the flag of each one's
+# bound per optimizer step.
 MODELS = {"Gemma2-2B-it": config.get_config("kaggle").model, "Gemma3-1B-it": config.get_config("kaggle-gemma3").model}
+STEP_FLAGS = {"Gemma2-2B-it": "--step-s", "Gemma3-1B-it": "--step-s-gemma3"}
 # kaggle's projected source rows (issue 8: ~250-330k) for the preparation-time projection.
 PROJECTED_SOURCE_ROWS = (250_000, 330_000)
 
@@ -67,19 +73,25 @@ def max_len_row(rows: np.ndarray, completions: np.ndarray, max_len: int, pack_ro
             "completion_p50": float(np.percentile(kept_completions, 50)), "longest": int(kept_completions.max())}
 
 
-def length_table(results: list[dict]) -> str:
-    names = " / ".join(MODELS)
+def length_table(results: list[dict], step_s: dict[str, dict[int, float]]) -> str:
+    """One row per max_len; the attention share for both models, then each model's hours at 35% / 50% MFU, then
+    each model's bound per optimizer step and the hours at it."""
+    per_model = [f"{name} v5e-8 hours, 4 epochs, 35% / 50% MFU" for name in MODELS] + [
+        f"{name} bound per optimizer step | {name} v5e-8 hours, 4 epochs, at the bound / at 50% of it"
+        for name in MODELS]
     lines = ["| max_len | rows kept | source rows read for 180k kept | packing efficiency, packed / unpacked | "
-             f"tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
-             f"of step FLOPs, {names} | " + " | ".join(f"{name} v5e-8 hours, 4 epochs, 35% / 50% MFU"
-                                                      for name in MODELS) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(MODELS)]
+             "tokens per epoch (non-pad / in windows) | optimizer steps, 4 epochs at 32 windows | attention share "
+             f"of step FLOPs, {' / '.join(MODELS)} | " + " | ".join(per_model) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * 3 * len(MODELS)]
     for r in results:
         attention = " / ".join(f"{r['attention'][name]:.1%}" for name in MODELS)
         hours = " | ".join(" / ".join(f"{r['hours'][name, m]:.1f}" for m in MFUS) for name in MODELS)
+        bounds = [step_s[name].get(r["max_len"]) for name in MODELS]
+        at_bound = " | ".join(f"{b:.2f} s | {r['steps'] * b / 3600:.1f} / {2 * r['steps'] * b / 3600:.1f}"
+                              if b else "- | -" for b in bounds)
         lines.append(f"| {r['max_len']} | {r['share']:.1%} | {r['source_rows']:,.0f} | {r['packing']:.1%} / "
                      f"{r['without']:.1%} | {r['tokens'] / 1e6:,.0f}M / {r['window_tokens'] / 1e6:,.0f}M | "
-                     f"{r['steps']:,.0f} | {attention} | {hours} |")
+                     f"{r['steps']:,.0f} | {attention} | {hours} | {at_bound} |")
     return "\n".join(lines)
 
 
@@ -90,7 +102,13 @@ def main() -> None:
     parser.add_argument("--prep-rows", type=int, default=1_500, help="length-faithful rows for the throughput")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    for name, flag in STEP_FLAGS.items():
+        parser.add_argument(flag, nargs="*", default=[], metavar="MAX_LEN=SECONDS",
+                            help=f"{name}'s lower bound per optimizer step of 32 windows "
+                                 "(benchmarks/results_tpu_fit.md)")
     args = parser.parse_args()
+    given = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in STEP_FLAGS.items()}
+    step_s = {name: {int(k): float(v) for k, v in (item.split("=") for item in items)} for name, items in given.items()}
 
     rows, completions = glaive_lengths.gemma_lengths(args.rows, seed=0)
     results = [max_len_row(rows, completions, max_len, args.pack_rows) for max_len in MAX_LENS]
@@ -114,7 +132,8 @@ def main() -> None:
     RESULTS_PATH.write_text(f"""# Real glaiveai lengths: what max_len keeps and costs, and how fast preparation is
 
 Command: `.venv/bin/python benchmarks/bench_lengths.py --rows {args.rows} --pack-rows {args.pack_rows} \
---prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}`
+--prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}\
+{''.join(f' {STEP_FLAGS[name]} ' + ' '.join(items) for name, items in given.items() if items)}`
 
 Machine: {os.cpu_count()} CPUs, {bench_data_prep.cpu_model()}, Python {platform.python_version()};
 1-minute load average {load_before:.1f} before the throughput runs and {load_after:.1f} after (shared machine:
@@ -138,7 +157,7 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
 
 ## max_len: {args.rows:,} sampled rows
 
-{length_table(results)}
+{length_table(results, step_s)}
 
 - *Rows kept*: share within max_len (longer rows are dropped, never truncated). Broken rows (a few
   percent on the sample; unknown on the real data) come on top of the source rows read.
@@ -153,26 +172,25 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
-**Decision: keep max_len 2048 for `kaggle`.** At 2048 the 180k kept rows need about
-{at_2048['source_rows']:,.0f} source rows ({at_2048['share']:.0%} kept) and 4 epochs of Gemma2-2B-it take
-{at_2048['hours']['Gemma2-2B-it', 0.35]:.1f} h at 35% MFU ({at_2048['hours']['Gemma2-2B-it', 0.5]:.1f} h at
-50%): within the 8-hour training budget at either MFU (Gemma3-1B-it:
-{at_2048['hours']['Gemma3-1B-it', 0.35]:.1f} h / {at_2048['hours']['Gemma3-1B-it', 0.5]:.1f} h). 3072 and 4096
-keep nearly every row (4096 also packs two rows a window), but each
-epoch then carries
-{results[1]['tokens'] / at_2048['tokens']:.2f}x and {results[2]['tokens'] / at_2048['tokens']:.2f}x the
-tokens at a higher FLOPs per token (attention {results[1]['attention']['Gemma2-2B-it']:.1%} and
-{results[2]['attention']['Gemma2-2B-it']:.1%} of the step against {at_2048['attention']['Gemma2-2B-it']:.1%}), so
-4 epochs of Gemma2-2B-it would need {results[1]['hours']['Gemma2-2B-it', 0.35]:.1f} h and
-{results[2]['hours']['Gemma2-2B-it', 0.35]:.1f} h at 35% MFU: the time budget would cut
-them to fewer epochs, and a 4096-token window doubles the per-chip activations and logits that already take
-most of the 16 GB (../shared/NOTES.md: 9.7 GiB at 8 x 2048 with block remat). 2048 is also the recipe's
-choice. The price is visible: rows over 2048 tokens (the longest reasoning) are never seen, so the model
-learns completions of at most {at_2048['longest']:,} tokens (kept completions' p50
-{at_2048['completion_p50']:,.0f}, against {results[2]['completion_p50']:,.0f} over nearly all rows at 4096),
-and generation must be given that budget (`data_prep.generation_budget`: the longest kept completion rounded
-up, {-(-at_2048['longest'] // 128) * 128} at this max_len), not the 768 the notebook used to declare. With more time
-(the unrestricted preset's further sessions) 3072 is the next step: {results[1]['share']:.0%} of rows kept.
+**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) the bound per
+token hardly depends on the window any more (`benchmarks/results_tpu_fit.md`: per 32 x 2048 tokens 0.65 s at 2048,
+0.69 s at 3072, 0.63 s at 4096, all without remat; 4096 fits with 2.84 GiB headroom), and the sliding-window cap
+on packed windows is gone for splash. So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at
+{results[2]['packing']:.0%}, in about the same hours at the bound as 2048 (last columns). What keeps 2048 is the
+output length, not the cost: the judges generate with a budget of 768 tokens ("under 1K is fine", ../shared/
+NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,} tokens (kept completions'
+p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
+{results[2]['completion_p50']:,.0f}, longest {results[2]['longest']:,}), which such a budget truncates before
+the answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
+{at_2048['source_rows']:,.0f} source rows against {results[2]['source_rows']:,.0f} at 4096 (only
+{at_2048['share']:.0%} kept), a preparation cost of minutes, and is the recipe's choice. 4096 is one flag away
+(`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4`, effective 32 windows; or `--run.grad_accum 2` for
+about 32 rows a step) for a run judged without that budget.
+
+The same holds for `kaggle-gemma3`, whose cost is lower still: 4 epochs of Gemma3-1B-it at 2048 take
+{at_2048['hours']['Gemma3-1B-it', 0.35]:.1f} h at 35% MFU ({at_2048['hours']['Gemma3-1B-it', 0.5]:.1f} h at 50%)
+against {at_2048['hours']['Gemma2-2B-it', 0.35]:.1f} h / {at_2048['hours']['Gemma2-2B-it', 0.5]:.1f} h for
+Gemma2-2B-it, and its XLA attention packs rows past its 512-token window exactly (Tunix's Gemma3 bands by index).
 
 ## Preparation throughput at real lengths
 

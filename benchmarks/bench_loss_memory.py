@@ -6,7 +6,8 @@ as PeftTrainer takes it) per loss, each in a fresh subprocess, one after the oth
 
 - ``tunix``: Tunix's default loss (``peft_trainer._default_loss_fn``: log_softmax and a one-hot);
 - ``full``: this project's loss with ``--model.loss_chunk 0`` (all logits at once, logsumexp minus the target);
-- ``chunk=N``: the chunked loss of ``model.py`` (``--model.loss_chunk N``).
+- ``chunk=N``: the chunked loss of ``model.py`` (``--model.loss_chunk N``), which takes at most a quarter of a
+  row per chunk and the full logits when one chunk would cover the row (``model.row_loss_chunk``).
 
 "Model" is the resident memory once the model (with LoRA) is built; "peak" is the process's peak resident
 memory (the kernel's high-water mark) after compiling and running three steps; the table gives their difference
@@ -89,7 +90,8 @@ def worker(loss: str, dtype: str) -> dict:
 
         analysis = jax.jit(pure_step).lower(lora_state, rest, batch).compile().memory_analysis()
     grad_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads))))
-    return {"loss": loss, "dtype": dtype, "model_mb": model_mb, "peak_mb": peak_mb,
+    return {"loss": loss, "dtype": dtype, "chunk_used": model_lib.row_loss_chunk(chunk, SEQ - 1) if chunk else 0,
+            "model_mb": model_mb, "peak_mb": peak_mb,
             "above_model_mb": peak_mb - model_mb, "temp_mb": analysis.temp_size_in_bytes / 2**20,
             "step_s": min(times[1:]), "first_call_s": times[0],
             "value": float(value), "lora_grad_norm": grad_norm,
@@ -119,11 +121,12 @@ def markdown(results: list[dict], command: str, started: str, loads: tuple[float
              f"{BATCH * SEQ * VOCAB * 4 / 2**20:,.0f} MiB in float32.", "",
              "* XLA temp MB: the compiled step's temporary buffers (`compiled.memory_analysis()`), exact and "
              "independent of the allocator.", "",
-             "| loss | XLA temp MB | model MB | peak MB | above model MB | vs full | step s (min of 2) | loss value | "
-             "LoRA grad norm |", "|---|---|---|---|---|---|---|---|---|"]
+             "| loss | chunk used | XLA temp MB | model MB | peak MB | above model MB | vs full | step s (min of 2) | "
+             "loss value | LoRA grad norm |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r['above_model_mb'] / full['above_model_mb']:.2f}" if full else "-"
-        lines.append(f"| {r['loss']} | {r['temp_mb']:,.0f} | {r['model_mb']:,.0f} | {r['peak_mb']:,.0f} | "
+        used = (f"{r['chunk_used']}" if r["chunk_used"] else "full logits") if r["loss"].startswith("chunk") else "-"
+        lines.append(f"| {r['loss']} | {used} | {r['temp_mb']:,.0f} | {r['model_mb']:,.0f} | {r['peak_mb']:,.0f} | "
                      f"{r['above_model_mb']:,.0f} | "
                      f"{ratio} | {r['step_s']:.2f} | {r['value']:.6f} | {r['lora_grad_norm']:.6f} |")
     return "\n".join(lines) + "\n"

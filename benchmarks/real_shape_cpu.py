@@ -8,10 +8,13 @@ fake download, then runs the real command-line
 stages on it with the preset and only the overrides its size on this machine demands: data
 preparation from the shipped sample, the conversion to the NNX cache, training with a checkpoint, a SIGKILL
 and a resume, ``eval_samples.py --loss-only`` and a few generated tokens, and both exports. It then loads
-the orbax export exactly as the judges do (``params.load_and_format_params`` + ``Gemma.from_params(params,
-version="2-2b-it")``; Gemma3: ``gemma3.params.create_model_from_checkpoint``) and the HF export with
-transformers' ``Gemma2ForCausalLM`` (``Gemma3ForCausalLM``), compares their logits with the LoRA model's, and
-checks the HF config.json against the published gemma-2-2b-it (gemma-3-1b-it) values.
+the orbax export's merged weights exactly as the judges do (``params.load_and_format_params`` +
+``Gemma.from_params(params, version="2-2b-it")``; Gemma3: ``gemma3.params.create_model_from_checkpoint``) and the
+HF export with transformers' ``Gemma2ForCausalLM`` (``Gemma3ForCausalLM``), runs the submission template's
+evaluation cells (``tests/judges_procedure.py``): the single-session restore of ``CKPT_DIR/actor/<step>/model_params``
+into ``lora_policy`` with its Sampler and a stand-in judge, and the unrestricted restore from the export's folder with
+and without ``actor/<step>/model_params``, compares every logits with the LoRA model's, and checks the HF
+config.json against the published gemma-2-2b-it (gemma-3-1b-it) values.
 
     python benchmarks/real_shape_cpu.py --layers 2              # every real width, 2 layers: every stage
     python benchmarks/real_shape_cpu.py --layers 26 --base-only # Gemma2-2B-it itself: what needs no training
@@ -46,9 +49,11 @@ import numpy as np
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
+sys.path.insert(0, str(REPO_DIR / "tests"))  # judges_procedure: the template's evaluation cells, rebuilt
 
 import config  # noqa: E402
 import kaggle_weights  # noqa: E402
+import rundir  # noqa: E402
 
 RESULTS_PATH = REPO_DIR / "benchmarks" / "results_real_shape_cpu.md"
 # A few token ids (all below the tiny tokenizer's 2048 pieces) whose logits the exports must reproduce.
@@ -176,10 +181,11 @@ def lora_logits(args: argparse.Namespace) -> str:
     import model
 
     cfg = cfg_of(args)
+    step = rundir.checkpoint_step(Path(args.work) / "run")
     mesh = model.make_mesh(cfg)
     with jax.set_mesh(mesh):
         lora_model = model.build_model(cfg, mesh)
-        step = model.restore_lora(lora_model, Path(args.work) / "run")
+        rundir.restore_lora(lora_model, Path(args.work) / "run", step)
         lora = logits_of(lora_model)
         lora_state = nnx.state(lora_model, nnx.LoRAParam)
         nnx.update(lora_model, jax.tree.map(jnp.zeros_like, lora_state))
@@ -267,6 +273,59 @@ def load_orbax(args: argparse.Namespace) -> str:
     return compare("orbax export via the judges' loader", logits_of(judges_gemma(args, folder)), Path(args.work))
 
 
+def judges_kernel(args: argparse.Namespace) -> dict:
+    """The names the notebook's kernel holds for the judges' cells (tests/judges_procedure.py), at these shapes:
+    lora_policy built as the notebook builds it but with fresh LoRA (only the cells' restore can bring the trained
+    one), CKPT_DIR = the run directory, the settings' prompt and generation budgets and one question."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from tunix.generate import sampler as sampler_lib
+
+    import data_prep
+    import model
+    from chat_format import PROMPT_TEMPLATE
+
+    cfg = cfg_of(args)
+    mesh = model.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        lora_policy = model.build_model(cfg, mesh)
+    return {"os": os, "jax": jax, "nnx": nnx, "ocp": ocp, "sampler_lib": sampler_lib, "lora_policy": lora_policy,
+            "CKPT_DIR": str((Path(args.work) / "run").resolve()), "tokenizer": data_prep.load_tokenizer(cfg.model),
+            "model_config": lora_policy.config, "MAX_PROMPT_LENGTH": data_prep.prompt_budget(cfg.data),
+            "MAX_GENERATION_STEPS": cfg.eval.max_new_tokens, "PROMPT_TEMPLATE": PROMPT_TEMPLATE,
+            "INF_TEMPERATURE": 0, "INF_TOP_K": 1, "INF_TOP_P": None, "SEED": 42,
+            "JUDGE_QUESTIONS": ["Summarise: the sky is blue because air scatters short wavelengths most."]}
+
+
+def judges_single_session(args: argparse.Namespace) -> str:
+    """The template's single-session cells on the trained run: the latest step under CKPT_DIR/actor restored into
+    lora_policy (its logits must be the LoRA model's), then its Sampler and a stand-in judge's greedy call."""
+    from judges_procedure import EVALUATE, MAKE_SAMPLER, SINGLE_SESSION, run_cells
+
+    kernel = run_cells(judges_kernel(args), SINGLE_SESSION)
+    restored = compare(f"step {kernel['latest_step']} restored by the judges' cell", logits_of(kernel["lora_policy"]),
+                       Path(args.work))
+    result = run_cells(kernel, MAKE_SAMPLER, EVALUATE)["Result"]
+    return f"{restored}; the judge's Sampler generated {[len(t) for t in result.tokens]} tokens"
+
+
+def judges_unrestricted(args: argparse.Namespace) -> str:
+    """The template's unrestricted cell on the orbax export, kagglehub's download replaced by the folder, with
+    and without actor/<step>/model_params appended: each must give the LoRA model's logits."""
+    from judges_procedure import UNRESTRICTED, UNRESTRICTED_WITH_SUFFIX, LocalKaggleHub, run_cells
+
+    variation = Path(args.work) / "export-orbax"
+    step = json.loads((variation / "export.json").read_text())["step"]
+    results = []
+    for name, cell in (("as is", UNRESTRICTED), (f"+ actor/{step}/model_params", UNRESTRICTED_WITH_SUFFIX)):
+        kernel = {**judges_kernel(args), "unrestricted_kaggle_model": "me/gemma2-tunix", "latest_step": step,
+                  "kagglehub": LocalKaggleHub({"me/gemma2-tunix/jax/size": str(variation.resolve())})}
+        run_cells(kernel, cell)
+        results.append(compare(f"download {name}", logits_of(kernel["lora_policy"]), Path(args.work)))
+    return "; ".join(results)
+
+
 def load_hf(args: argparse.Namespace) -> str:
     """transformers' Gemma2ForCausalLM (Gemma3ForCausalLM) on the HF export (bf16, eager attention), and its
     config.json."""
@@ -287,7 +346,8 @@ def load_hf(args: argparse.Namespace) -> str:
 
 
 STAGES = {"write-checkpoint": write_checkpoint, "convert": convert, "load-download": load_download,
-          "lora-logits": lora_logits, "load-orbax": load_orbax, "load-hf": load_hf}
+          "lora-logits": lora_logits, "load-orbax": load_orbax, "load-hf": load_hf,
+          "judges-single-session": judges_single_session, "judges-unrestricted": judges_unrestricted}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -333,7 +393,8 @@ def drive(args: argparse.Namespace) -> tuple[list[dict], int]:
     me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--preset",
           args.preset, "--stage"]
     flags = overrides(work, args.layers, args.preset)
-    run, ckpt = work / "run", work / "run" / "checkpoints"
+    run = work / "run"
+    ckpt = rundir.checkpoint_dir(run)
     train = [*py, "train_sft.py", *flags, "--out", str(run), "--data", str(work / "data"), "--max-steps", "3"]
     stages = [
         ("write Kaggle checkpoint", [*me, "write-checkpoint"], None),
@@ -351,6 +412,8 @@ def drive(args: argparse.Namespace) -> tuple[list[dict], int]:
                        str(work / "export-hf")], None),
         ("LoRA model logits", [*me, "lora-logits"], None),
         ("load orbax export (judges' loader)", [*me, "load-orbax"], None),
+        ("judges' single-session cells", [*me, "judges-single-session"], None),
+        ("judges' unrestricted cell", [*me, "judges-unrestricted"], None),
         ("load HF export (transformers)", [*me, "load-hf"], None),
     ]
     if args.base_only:  # what needs no training: the layout, the conversion and the judges' loader agree

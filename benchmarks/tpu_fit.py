@@ -185,6 +185,32 @@ def compile_train_step(cfg: Config, devices: list[Any]) -> tuple[Any, dict[str, 
     return compiled, seconds
 
 
+def splash_kernel_cost(cfg: Config, n_chips: int) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) per chip per micro-step of the splash kernels, which XLA's cost analysis does not see
+    into. Per layer, row and query head, over the (query block, key block) pairs the mask visits (causal, and the
+    window on local layers): the forward pass runs 2 matmuls per pair, the dq kernel 3 and the dkv kernel 4, of
+    2 x block^2 x head_dim FLOPs each; each pair streams a block of two [block, head_dim] tensors per kernel (k, v
+    forward and for dq; q, do for dkv), and each kernel reads or writes its whole [T, head_dim] tensors once per
+    head (q, o forward; q, do, dq for dq; k, v, dk, dv for dkv: 9 in all)."""
+    mc = model.gemma_config(cfg.model)
+    length = cfg.data.max_len
+    block = min(cfg.model.attention_block, length)
+    blocks = length // block
+    itemsize = jnp.dtype(cfg.model.dtype).itemsize
+
+    def pairs(window: int | None) -> int:
+        return sum(j <= i and (window is None or (i - j - 1) * block + 1 <= window - 1)
+                   for i in range(blocks) for j in range(blocks))
+
+    windows = [mc.sliding_window_size if kind == gemma_lib.AttentionType.LOCAL_SLIDING else None
+               for kind in list(mc.attention_types)[:mc.num_layers]]
+    visited = sum(pairs(w) for w in windows)  # over the layers
+    rows_heads = cfg.run.micro_batch / n_chips * mc.num_heads
+    flops = rows_heads * visited * 9 * 2 * block * block * mc.head_dim
+    elements = rows_heads * mc.head_dim * (9 * length * mc.num_layers + 3 * 2 * visited * block)
+    return flops, elements * itemsize
+
+
 def fit_report(cfg: Config, compiled: Any, chip: Chip | None, n_chips: int) -> dict[str, float]:
     """Per chip: memory of the compiled step, its cost, and the lower bounds on its time at the chip's peak; of
     a step that does not fit, the temporaries it needed and the HBM available."""
@@ -204,10 +230,13 @@ def fit_report(cfg: Config, compiled: Any, chip: Chip | None, n_chips: int) -> d
         "model_flops": model_flops,
     }
     row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"] + row["code"]
+    if cfg.model.attention == "splash":
+        row["kernel_flops"], row["kernel_bytes"] = splash_kernel_cost(cfg, n_chips)
     if chip:
         row["headroom"] = chip.hbm_bytes - row["total"]
-        row["compute_s"] = max(row["model_flops"], row["compiled_flops"]) / chip.peak_flops
-        row["memory_s"] = row["bytes_accessed"] / chip.hbm_bytes_per_s
+        compiled_flops = row["compiled_flops"] + row.get("kernel_flops", 0.0)
+        row["compute_s"] = max(row["model_flops"], compiled_flops) / chip.peak_flops
+        row["memory_s"] = (row["bytes_accessed"] + row.get("kernel_bytes", 0.0)) / chip.hbm_bytes_per_s
         row["step_s"] = max(row["compute_s"], row["memory_s"]) * cfg.run.grad_accum
         row["tokens_per_s"] = tokens * cfg.run.grad_accum / row["step_s"]
     return row
@@ -228,10 +257,15 @@ def markdown_row(cfg: Config, target: str, row: dict[str, float], seconds: dict[
         gib["headroom"] = f"does not fit ({row['available'] / GIB:.2f} available)"
     tera = {k: f"{row[k] / 1e12:.2f}" if k in row else "-" for k in ("compiled_flops", "model_flops")}
     gb_accessed = f"{row['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in row else "-"
+    if "kernel_flops" in row and "bytes_accessed" in row:  # the splash kernels' own, analytic (splash_kernel_cost)
+        tera["compiled_flops"] += f" + {row['kernel_flops'] / 1e12:.2f} kernel"
+        gb_accessed += f" + {row['kernel_bytes'] / 1e9:.1f} kernel"
     timing = (f"{row['compute_s'] * 1e3:.0f} / {row['memory_s'] * 1e3:.0f} / {row['step_s']:.2f}"
               if "step_s" in row else "-")
     tokens_per_s = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "-"
-    return (f"| {time.strftime('%Y-%m-%d %H:%M')} | {target} | {cfg.preset} | {cfg.model.remat} | "
+    remat = cfg.model.remat if cfg.model.attention == "xla" else \
+        f"{cfg.model.remat}, splash {min(cfg.model.attention_block, cfg.data.max_len)}"
+    return (f"| {time.strftime('%Y-%m-%d %H:%M')} | {target} | {cfg.preset} | {remat} | "
             f"{cfg.run.micro_batch} x {cfg.data.max_len} x {cfg.run.grad_accum} | {loss_name(cfg)} | "
             f"{gib['arguments']} | {gib['outputs']} | {gib['aliased']} | {gib['temporaries']} | {gib['code']} | "
             f"**{gib['total']}** | **{gib['headroom']}** | {tera['compiled_flops']} | {tera['model_flops']} | "
@@ -304,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"compiled {row['compiled_flops']:.3e} FLOP, model {row['model_flops']:.3e} FLOP, "
               f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step; "
               + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    if "kernel_flops" in row:
+        print(f"splash kernels (analytic, not in XLA's count): {row['kernel_flops']:.3e} FLOP, "
+              f"{row['kernel_bytes']:.3e} bytes per chip per micro-step")
     if "step_s" in row:
         print(f"lower bound per micro-step: compute {row['compute_s'] * 1e3:.0f} ms, memory "
               f"{row['memory_s'] * 1e3:.0f} ms; per optimizer step {row['step_s']:.2f} s, "

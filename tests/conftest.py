@@ -95,6 +95,20 @@ def each_tiny_run_dir(tiny_preset: str, request: pytest.FixtureRequest, tmp_path
     return train_tiny_run(tmp_path_factory, tiny_data_dir, tiny_preset)
 
 
+# Modules whose import is the heavy work a bad setting must not wait for.
+HEAVY_MODULES = {"jax", "numpy", "tunix", "orbax", "flax", "datasets", "grain", "sentencepiece"}
+
+
+def run_stage(script: str, *args: str | Path) -> tuple[int, list[str], set[str]]:
+    """Runs a stage script; returns its exit code, its stderr lines other than import times, and every top-level
+    module it imported (from ``python -X importtime``)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", script, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    return done.returncode, [line for line in lines if not line.startswith("import time:")], imported
+
+
 def run_on_8_devices(script: str) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
@@ -109,11 +123,11 @@ def hold_run_lock_in_a_child(run_dir: Path) -> int:
     pid = os.fork()
     if pid == 0:  # the child touches neither JAX nor the test's state
         try:
-            import model
+            import rundir
 
-            model.lock_run(run_dir)
-            os.write(tell, b"locked")
-            signal.pause()
+            with rundir.RunLock(run_dir):
+                os.write(tell, b"locked")
+                signal.pause()
         finally:
             os._exit(0)
     os.close(tell)  # so that a child that failed to lock reads as an empty pipe, not a hang

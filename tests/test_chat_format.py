@@ -66,7 +66,7 @@ def test_rewrite_drops_with_named_reason(response: str, reason: str) -> None:
 def test_prompt_is_the_published_gemma_template_as_transformers_renders_it() -> None:
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.GemmaTokenizer(vocab_file=str(config.TINY_TOKENIZER_PATH))
-    question = "  Why is the sky blue?\nExplain briefly.  "
+    question = "  Why is the sky blue?\nExplain briefly."  # Gemma's template would strip trailing whitespace
     messages = [{"role": "user", "content": f"{chat_format.INSTRUCTION}\n\n{question}"}]
     rendered = tokenizer.apply_chat_template(messages, chat_template=PUBLISHED_GEMMA2_CHAT_TEMPLATE, tokenize=False,
                                              add_generation_prompt=True)
@@ -118,3 +118,15 @@ def test_truncated_output_fails_as_truncated_but_keeps_what_parsed():
     check = chat_format.check_format(GOOD, truncated=True)
     assert (check.ok, check.reason, check.answer) == (False, "truncated", "4")
     assert chat_format.check_format("<reasoning>and then", truncated=True).reason == "truncated"
+
+
+def test_tokens_after_answer_counts_what_generation_ran_on_with() -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(config.TINY_TOKENIZER_PATH))
+    answer = sp.encode(GOOD)
+    tail = sp.encode("<end_of_turn>\n<start_of_turn>user\nmore")
+    assert chat_format.tokens_after_answer(answer, sp.decode) == 0
+    assert chat_format.tokens_after_answer(answer + tail, sp.decode) == len(tail)
+    assert chat_format.tokens_after_answer(answer[:-1] + tail, sp.decode) is None  # </answer> never completed
+    assert chat_format.tokens_after_answer([], sp.decode) is None

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import HEAVY_MODULES, run_stage
 
 import config
 import kaggle_weights
-
-REPO = Path(__file__).resolve().parents[1]
-# Modules whose import is the heavy work a bad setting must not wait for.
-HEAVY_MODULES = {"jax", "numpy", "tunix", "orbax", "flax", "datasets", "grain", "sentencepiece"}
-
-
-def run_stage(script: str, *args: str | Path) -> tuple[int, list[str], set[str]]:
-    """Runs a stage script; returns its exit code, its stderr lines other than import times, and every top-level
-    module it imported (from ``python -X importtime``)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", script, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    lines = done.stderr.splitlines()
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
-    return done.returncode, [line for line in lines if not line.startswith("import time:")], imported
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -44,51 +28,23 @@ def run_stage(script: str, *args: str | Path) -> tuple[int, list[str], set[str]]
     ("eval_samples.py", ["--run", "{tmp}/missing"], "error: run directory {tmp}/missing does not exist"),
     ("eval_samples.py", ["--run", "{tmp}", "--max-steps", "3"], "error: eval_samples.py does not use --max-steps"),
     ("export.py", ["--run", "{tmp}", "--out", "{file}"], "error: --out {file} is a file, not a directory"),
+    # outputs that no user can create, which permission bits call writable (as root under /proc): refused at once
+    ("train_sft.py", ["--out", "{long}/run"], "error: --out {long}/run cannot be created (File name too long)"),
+    ("train_sft.py", ["--out", "/proc/tunix-sft-probe/run"], "error: --out /proc/tunix-sft-probe/run "),
+    ("data_prep.py", ["--data", "{long}"], "error: --data {long} cannot be created (File name too long)"),
+    ("eval_samples.py", ["--run", "{tmp}", "--out", "{long}"], "error: --out {long} cannot be created (File name"),
+    ("eval_samples.py", ["--run", "{tmp}", "--out", "/proc/tunix-sft-probe"], "error: --out /proc/tunix-sft-probe "),
+    ("export.py", ["--run", "{tmp}", "--out", "{long}/x"], "error: --out {long}/x cannot be created (File name too"),
 ])
 def test_bad_settings_stop_before_heavy_imports(script: str, args: list[str], message: str, tmp_path: Path) -> None:
     """The README's "bad settings stop before any heavy work": one line, and JAX (or numpy) was never imported."""
-    names = {"tmp": tmp_path, "file": tmp_path / "a_file"}
+    names = {"tmp": tmp_path, "file": tmp_path / "a_file", "long": tmp_path / ("n" * 300)}
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "rows.parquet").write_text('{"prompt": "a JSON line named .parquet"}\n')
     code, stderr, imported = run_stage(script, "--preset", "cpu-tiny", *[a.format(**names) for a in args])
     assert code == 1 and stderr and stderr[-1].startswith(message.format(**names)), stderr
     assert len([line for line in stderr if line.strip()]) == 1, stderr
     assert not imported & HEAVY_MODULES, imported & HEAVY_MODULES
-
-
-@pytest.mark.parametrize("flag", ["--init-from", "--out"])
-def test_a_checkpoint_of_another_rank_stops_before_heavy_imports(flag: str, tiny_run_dir: Path, tmp_path: Path
-                                                                 ) -> None:
-    """--init-from a run of another rank, or resuming an existing run with another rank, is refused from the
-    run's config.json before JAX is imported (and that config.json is left alone)."""
-    run_config = (tiny_run_dir / "config.json").read_text()
-    out = tiny_run_dir if flag == "--out" else tmp_path / "new"
-    code, stderr, imported = run_stage("train_sft.py", "--preset", "cpu-tiny", "--lora.rank", "8", "--out", out,
-                                       *(["--init-from", tiny_run_dir] if flag == "--init-from" else []))
-    assert code == 1 and len(stderr) == 1, stderr
-    assert stderr[0] == (f"error: {tiny_run_dir} was trained with --lora.rank 16 but this run has --lora.rank 8: "
-                         f"use that run's settings, or pass another {flag}")
-    assert not imported & HEAVY_MODULES
-    assert (tiny_run_dir / "config.json").read_text() == run_config
-
-
-def test_saved_lora_shape_reads_orbax_metadata_and_skips_unreadable_steps(tiny_run_dir: Path, tmp_path: Path
-                                                                          ) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run_dir / "checkpoints", run / "checkpoints")
-    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    cfg = config.get_config("cpu-tiny")
-    want = {"rank": cfg.lora.rank, "num_layers": cfg.model.num_layers, "embed_dim": cfg.model.embed_dim}
-    assert config.saved_lora_shape(run) == (run / "checkpoints" / str(steps[-1]), want)
-    (run / "checkpoints" / str(steps[-1]) / "model_params" / "_METADATA").write_text('{"tree_metadata": {')
-    assert config.saved_lora_shape(run) == (run / "checkpoints" / str(steps[-2]), want)
-    assert config.saved_lora_shape(run, steps[-1]) is None
-    assert config.saved_lora_shape(tmp_path / "no_run") is None
-    # without its config.json, a run is checked by its checkpoint's LoRA shapes
-    config.check_saved_run(run, cfg, "--run")
-    with pytest.raises(config.ConfigError, match=r"holds LoRA rank 16 on 4 layers of width 128, but these settings "
-                                                 r"build rank 8 on 4 layers of width 128: .* or another --run$"):
-        config.check_saved_run(run, config.get_config("cpu-tiny", {"lora.rank": "8"}), "--run")
 
 
 @pytest.mark.parametrize("name", ["optim.learning_rate", "optim.b2", "lora.alpha", "run.epochs", "eval.top_p"])
@@ -108,20 +64,6 @@ def test_short_flags_belong_to_the_stages_that_read_them() -> None:
             config.parse_overrides([flag, "x"], stage)
     # Long overrides are the shared configuration: every stage takes them.
     assert config.parse_overrides(["--run.max_steps", "3"], "data_prep") == {"run.max_steps": "3"}
-
-
-def test_eval_writes_into_the_run_by_default_and_must_be_able_to(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "eval").write_text("a file where the report directory goes")
-    with pytest.raises(SystemExit, match=rf"^error: --out {run}/eval is a file, not a directory"):
-        config.config_from_argv(["--run", str(run)], "eval_samples", "doc")
-    cfg, args = config.config_from_argv(["--run", str(run), "--out", str(tmp_path / "report"), "--data",
-                                         str(tmp_path / "data")], "eval_samples", "doc")
-    assert args.out == str(tmp_path / "report") and cfg.data.out_dir == str(tmp_path / "data")
-    assert args.overrides == {"data.out_dir": str(tmp_path / "data")}
-
-
 @pytest.mark.parametrize("stage, flag", [("train_sft.py", "--init-from"), ("train_sft.py", "--out"),
                                          ("export.py", "--run")])
 def test_a_run_of_the_other_architecture_stops_before_heavy_imports(stage: str, flag: str, tiny_run_dir: Path,
@@ -148,8 +90,9 @@ def test_unrestricted_continues_the_model_of_its_init_from_run(tmp_path: Path) -
     run.mkdir()
     (run / "config.json").write_text(json.dumps(config.get_config("kaggle-gemma3").to_dict()))
     cfg = config.get_config("unrestricted", {"run.init_from": str(run)})
-    assert (cfg.model.name, cfg.data.continue_from, kaggle_weights.kaggle_handle(cfg.model)) == (
-        "gemma3-1b-it", str(run), "google/gemma-3/flax/gemma3-1b-it")
+    assert (cfg.model.name, cfg.model.attention, cfg.data.continue_from, kaggle_weights.kaggle_handle(cfg.model)) == (
+        "gemma3-1b-it", "xla", str(run), "google/gemma-3/flax/gemma3-1b-it")
+    assert default.model.attention == "splash"  # the kaggle (Gemma2) continuation keeps kaggle's attention
     # what is said outright wins: the model (check_saved_run then names the mismatch), and where the data starts
     assert config.get_config("unrestricted", {"run.init_from": str(run), "model.name": "gemma2-2b-it"}
                              ).model.name == "gemma2-2b-it"
@@ -157,16 +100,24 @@ def test_unrestricted_continues_the_model_of_its_init_from_run(tmp_path: Path) -
                              ).data.continue_from == "data/x"
 
 
-def test_each_model_name_builds_its_architecture_and_gemma3_packs_past_its_window() -> None:
+def test_each_model_name_builds_its_architecture_and_gemma3_packs_past_its_window_with_xla() -> None:
     assert {name: config.model_family(config.get_config("cpu-tiny", {"model.name": name}).model)
             for name in config.MODEL_FAMILIES} == {"gemma2-2b-it": "gemma2", "gemma3-1b-it": "gemma3",
                                                    "tiny": "gemma2", "tiny-gemma3": "gemma3"}
     with pytest.raises(config.ConfigError, match=r"--model.name 'gemma3-4b-it' is unknown: use gemma2-2b-it, "):
         config.get_config("cpu-tiny", {"model.name": "gemma3-4b-it"})
-    # Gemma2 compares positions with absolute key indices (rows longer than its window leak); Gemma3 does not
-    with pytest.raises(config.ConfigError, match="exceeds the sliding window 4096: Gemma2's packed rows"):
-        config.get_config("kaggle", {"data.max_len": "8192"})
-    assert config.get_config("kaggle-gemma3", {"data.max_len": "8192"}).data.max_len == 8192
+    # Tunix's Gemma2 compares positions with absolute key indices (with XLA's attention, rows longer than its window
+    # leak); Tunix's Gemma3 does not, so kaggle-gemma3 (XLA's attention) packs rows past its 512 window
+    with pytest.raises(config.ConfigError, match="exceeds the sliding window 4096: packed rows"):
+        config.get_config("kaggle", {"data.max_len": "8192", "model.attention": "xla"})
+    gemma3 = config.get_config("kaggle-gemma3", {"data.max_len": "8192"})
+    assert (gemma3.model.attention, gemma3.data.max_len, gemma3.data.pack) == ("xla", 8192, True)
+    # splash runs Gemma2's attention block: a Gemma3 model stops with one line naming the fix
+    for preset in ("kaggle-gemma3", "gpu-gemma3", "cpu-tiny-gemma3"):
+        assert config.get_config(preset).model.attention == "xla"
+        with pytest.raises(config.ConfigError, match=r"^--model.attention splash runs Gemma2's attention block, "
+                                                     r"not \S+'s: use --model.attention xla$"):
+            config.get_config(preset, {"model.attention": "splash"})
     assert config.get_config("kaggle-gemma3").run.mesh_tp == 1
     with pytest.raises(config.ConfigError, match="does not divide the model's 1 kv heads"):
         config.get_config("kaggle-gemma3", {"run.mesh_fsdp": "4", "run.mesh_tp": "2"})

@@ -47,6 +47,24 @@ def write_jsonl(path: Path, rows: list[dict | bytes]) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- prompt
+
+@pytest.mark.parametrize("question", ["What is 2 + 3?", "Fill in {x} and {{y}}: f'{a!r:>{w}}' }{ {question} {0}",
+                                      "  Summarise:\n\nthe text...\n  "])
+def test_the_judges_prompt_template_gives_the_very_tokens_training_uses(sp: spm.SentencePieceProcessor,
+                                                                        question: str) -> None:
+    """The judges fill the notebook's PROMPT_TEMPLATE with str.format; a prepared row of the same question starts
+    with BOS and exactly those tokens (braces and surrounding whitespace of the question kept)."""
+    judged = chat_format.PROMPT_TEMPLATE.format(question=question)
+    assert judged.count(question) == 1 and judged.endswith("<start_of_turn>model\n")
+    [row] = data_prep.process_rows(sp, [{"prompt": question, "response": "<think>r</think>a"}],
+                                   config.get_config("cpu-tiny").data)
+    tokens, loss_mask = row.example
+    n_prompt = int(np.argmax(loss_mask))
+    assert tokens[:n_prompt].tolist() == [sp.bos_id(), *sp.encode(judged)]
+    assert row.prompt == question
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_tiny_tokenizer_has_gemma_special_ids(sp: spm.SentencePieceProcessor) -> None:
@@ -93,11 +111,11 @@ def test_loss_mask_covers_exactly_the_completion(sp: spm.SentencePieceProcessor)
     tokens, loss_mask = data_prep.tokenize_example(sp, prompt, completion, max_len=512)
     n_prompt = 1 + len(sp.encode(prompt))
     assert tokens.dtype == loss_mask.dtype == np.int32 and len(tokens) == len(loss_mask)
-    assert tokens[0] == 2 and tokens[-1] == 107
+    assert tokens[0] == 2 and tokens[-2:].tolist() == [107, 1]  # ... <end_of_turn> EOS: a default-stop Sampler stops
     assert not loss_mask[:n_prompt].any() and loss_mask[n_prompt:].all()
     assert tokens[n_prompt - 1] == sp.encode("\n")[-1]  # the prompt ends "<start_of_turn>model\n"
     assert sp.decode(tokens[1:n_prompt].tolist()) == prompt
-    assert sp.decode(tokens[loss_mask == 1].tolist()) == completion + "<end_of_turn>"
+    assert sp.decode(tokens[loss_mask == 1][:-1].tolist()) == completion + "<end_of_turn>"
 
 
 def test_rows_over_max_len_are_dropped_not_truncated(sp: spm.SentencePieceProcessor) -> None:
@@ -175,7 +193,7 @@ def segments(window: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
         where = np.flatnonzero(ids == segment)
         assert len(where) and (np.diff(where) == 1).all()  # contiguous: no row is split
         assert (positions[where] == np.arange(len(where))).all()  # positions restart per row
-        assert tokens[where[0]] == 2 and tokens[where[-1]] == 107  # BOS ... <end_of_turn>: exactly one row
+        assert tokens[where[0]] == 2 and tokens[where[-2:]].tolist() == [107, 1]  # BOS ... <end_of_turn> EOS: one row
         rows.append(tuple(tokens[where].tolist()))
     return rows
 

@@ -5,13 +5,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
 import chat_format
 import data_prep
 import eval_samples
+import rundir
 from chat_format import check_format
 from config import ConfigError, get_config
-from model import build_model, build_sampler, generate, latest_step, make_mesh, padded_prompt_length
+from model import build_model, build_sampler, generate, make_mesh, padded_prompt_length
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
 
@@ -153,8 +155,9 @@ def test_generate_with_the_tiny_model():
     for r in records:
         assert 0 < r["generated_tokens"] <= 16 and r["truncated"] == (r["generated_tokens"] == 16)
         assert r["tokens_per_s"] > 0 and isinstance(r["output"], str)
-        assert set(r) == {"model", "domain", "prompt", "output", "truncated", "generated_tokens", "batch",
-                          "tokens_per_s"}  # generation only: evaluation checks the format (checked)
+        assert set(r) == {"model", "domain", "prompt", "output", "truncated", "generated_tokens", "tokens_after_answer",
+                          "batch", "tokens_per_s"}  # generation only: evaluation checks the format (checked)
+        assert r["tokens_after_answer"] is None  # an untrained model writes no </answer>
 
 
 def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
@@ -162,13 +165,16 @@ def test_cli_stops_with_one_line_on_a_missing_run_dir(tmp_path):
         eval_samples.main(["--preset", "cpu-tiny", "--run", str(tmp_path / "missing")])
 
 
-def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path):
+def test_cli_compares_the_tuned_run_with_the_base(tiny_run_dir, tiny_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "eval"
+    read_back = []  # the checkpoint is resolved once and read back whole once, then restored
+    arrays_problem = rundir._arrays_problem
+    monkeypatch.setattr(rundir, "_arrays_problem", lambda *a: read_back.append(a[1]) or arrays_problem(*a))
     eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(out), "--compare-base",
                        "--data.out_dir", str(tiny_data_dir), "--eval.num_prompts", "2",
                        "--eval.max_new_tokens", "16", "--eval.batch_size", "2"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == latest_step(tiny_run_dir)
+    assert read_back == [summary["step"]] == [rundir.newest_good_step(tiny_run_dir)]
     assert summary["max_new_tokens"] == 16 and "(set by --eval.max_new_tokens)" in summary["decoding"]
     tuned, base = summary["models"]["tuned"], summary["models"]["base"]
     assert tuned["loss"] < base["loss"] - 0.5  # the run's LoRA was loaded, and the base has none
@@ -194,11 +200,43 @@ def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, 
     assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
 
 
-def test_cli_refuses_a_checkpoint_of_another_rank(tiny_run_dir, tiny_data_dir, tmp_path):
-    refusal = r"^error: .* was trained with --lora.rank 16 but this run has --lora.rank 8: .* another --run$"
-    with pytest.raises(SystemExit, match=refusal):
-        eval_samples.main(["--preset", "cpu-tiny", "--run", str(tiny_run_dir), "--out", str(tmp_path),
-                           "--data.out_dir", str(tiny_data_dir), "--lora.rank", "8", "--loss-only"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_path, preset):
+    """Trained rows end <end_of_turn> EOS: each tiny model trained to recite a few rows, then sampled as the judges'
+    cells sample (the template's Sampler, no stop tokens passed, so Tunix stops on EOS alone), ends each well-formed
+    output within a token of </answer> (its <end_of_turn>) instead of running on to the budget."""
+    from judges_procedure import EVALUATE, MAKE_SAMPLER, run_cells
+    from tunix.generate import sampler as sampler_lib
+
+    import train_sft
+    from chat_format import PROMPT_TEMPLATE, tokens_after_answer
+    from rundir import checkpoint_step, restore_lora
+
+    cfg = get_config(preset, {
+        "data.out_dir": str(tmp_path / "data"), "data.stop": "16", "data.eval_rows": "1", "data.max_len": "256",
+        "run.out_dir": str(tmp_path / "run"), "run.micro_batch": "2", "run.max_steps": "80", "run.epochs": "1000",
+        "run.eval_every": "1000", "run.checkpoint_every_steps": "1000", "run.time_budget_min": "0",
+        "eval.generate_every": "0"})
+    data_dir = data_prep.prepare(cfg, show_progress=False)
+    train_sft.train(cfg, data_dir)
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    trained = [row.prompt for row in data_prep.process_rows(tokenizer, data_prep.read_source(cfg.data), cfg.data)
+               if row.example is not None][:-1]  # the last kept row is held out
+    budget = data_prep.resolve_max_new_tokens(cfg, data_dir)
+    mesh = make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        lora_policy = build_model(cfg, mesh)
+        restore_lora(lora_policy, cfg.run.out_dir, checkpoint_step(cfg.run.out_dir))
+        kernel = run_cells({
+            "sampler_lib": sampler_lib, "lora_policy": lora_policy, "tokenizer": tokenizer,
+            "model_config": lora_policy.config, "MAX_PROMPT_LENGTH": data_prep.prompt_budget(cfg.data),
+            "MAX_GENERATION_STEPS": budget, "PROMPT_TEMPLATE": PROMPT_TEMPLATE, "JUDGE_QUESTIONS": trained,
+            "INF_TEMPERATURE": 0, "INF_TOP_K": 1, "INF_TOP_P": None, "SEED": 42}, MAKE_SAMPLER, EVALUATE)
+    outputs = [([int(t) for t in tokens], text) for tokens, text in zip(kernel["Result"].tokens,
+                                                                        kernel["Result"].text, strict=True)]
+    well_formed = [tokens for tokens, text in outputs if check_format(text, len(tokens) >= budget).ok]
+    assert len(well_formed) >= len(outputs) // 2 > 0
+    assert all(tokens_after_answer(tokens, tokenizer.decode) <= 2 for tokens in well_formed)
 
 
 def test_generation_stops_at_end_of_turn_for_either_model(each_tiny_model, tiny_preset):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_run_config
 from flax import nnx
+from judges_procedure import UNRESTRICTED, UNRESTRICTED_WITH_SUFFIX, LocalKaggleHub, run_cells
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
 from tunix.models.gemma3 import model as gemma3_lib
@@ -20,8 +23,10 @@ import chat_format
 import config
 import data_prep
 import export
+import kaggle_weights
 import train_sft
-from model import build_model, gemma_config, latest_step, make_mesh, merged_params, packed_attention_mask, restore_lora
+from model import build_model, gemma_config, make_mesh, merged_params, packed_attention_mask
+from rundir import checkpoint_step, newest_good_step, restore_lora
 
 
 def logits_of(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
@@ -49,10 +54,21 @@ def restored(each_tiny_run_dir: Path, tiny_cfg: config.Config, tokens: np.ndarra
     mesh = make_mesh(tiny_cfg)
     with jax.set_mesh(mesh):
         model = build_model(tiny_cfg, mesh)
-        restore_lora(model, each_tiny_run_dir)
+        restore_lora(model, each_tiny_run_dir, checkpoint_step(each_tiny_run_dir))
         return {"logits": logits_of(model, tokens),
                 "base": {p: np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()},
+                "lora": lora_arrays(model),
                 "merged": merged_params(model, tiny_cfg.lora.alpha, tiny_cfg.lora.rank)}
+
+
+def lora_arrays(model: nnx.Module) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.LoRAParam).flat_state()}
+
+
+@pytest.fixture(scope="module")
+def variation(each_tiny_run_dir: Path, tiny_cfg: config.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each architecture's tiny run exported as the Kaggle model variation of the unrestricted mode."""
+    return export.export(tiny_cfg, each_tiny_run_dir, "orbax", tmp_path_factory.mktemp("export") / "variation")
 
 
 def test_restored_lora_matches_the_trained_model(tiny_data_dir: Path, tmp_path: Path, tokens: np.ndarray,
@@ -66,7 +82,8 @@ def test_restored_lora_matches_the_trained_model(tiny_data_dir: Path, tmp_path: 
         trained = logits_of(built[0], tokens)
         fresh = build_model(cfg, mesh)
         before = logits_of(fresh, tokens)
-        assert restore_lora(fresh, tmp_path / "run") == 2
+        assert checkpoint_step(tmp_path / "run") == 2
+        restore_lora(fresh, tmp_path / "run", 2)
         np.testing.assert_array_equal(logits_of(fresh, tokens), trained)
     assert np.abs(trained - before).max() > 1e-3  # the two steps changed the model
 
@@ -79,9 +96,13 @@ def test_merge_changes_exactly_the_lora_targets(restored: dict) -> None:
         ("mlp", m, "kernel") for m in ("gate_proj", "up_proj", "down_proj")}
 
 
-def tunix_loader_model(cfg: config.Config, folder: Path) -> nnx.Module:
-    """The orbax export loaded by Tunix's own loader of the architecture, as the judges' notebook loads it (in
-    float32, for an exact comparison): Gemma2's load_and_format_params, Gemma3's create_model_from_checkpoint."""
+def tunix_loader_model(cfg: config.Config, variation: Path) -> nnx.Module:
+    """The merged orbax export loaded by Tunix's own loader of the architecture (in float32, for an exact
+    comparison). Gemma2: load_and_format_params, then from_params' own body (it knows only the published sizes;
+    benchmarks/real_shape_cpu.py calls from_params itself at Gemma2-2B's widths); Gemma3:
+    create_model_from_checkpoint."""
+    folder = variation / kaggle_weights.checkpoint_folder_names(cfg.model)[0]
+    assert folder.name == {"gemma2": "gemma2-2b-it", "gemma3": "gemma3-1b-it"}[config.model_family(cfg.model)]
     if config.model_family(cfg.model) == "gemma3":
         return gemma3_params.create_model_from_checkpoint(str(folder), gemma_config(cfg.model), dtype=jnp.float32)
     params = gemma_params.load_and_format_params(str(folder))
@@ -91,19 +112,38 @@ def tunix_loader_model(cfg: config.Config, folder: Path) -> nnx.Module:
         assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
 
 
-def test_orbax_export_loads_in_train_sft_and_tunix(restored: dict, tiny_cfg: config.Config, tokens: np.ndarray,
-                                                   tmp_path: Path) -> None:
-    orbax_dir = tmp_path / "orbax"
-    folder = export.write_orbax(restored["merged"], tiny_cfg, orbax_dir)
-    assert (orbax_dir / "tokenizer.model").is_file()
-    assert folder.name == {"gemma2": "gemma2-2b-it", "gemma3": "gemma3-1b-it"}[config.model_family(tiny_cfg.model)]
-    cfg = config.get_config(tiny_cfg.preset, {"model.checkpoint_dir": str(orbax_dir)})
+def test_orbax_export_loads_in_train_sft_and_tunix(variation: Path, tiny_cfg: config.Config, restored: dict,
+                                                   tokens: np.ndarray) -> None:
+    assert (variation / "tokenizer.model").is_file()
+    cfg = config.get_config(tiny_cfg.preset, {"model.checkpoint_dir": str(variation)})
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         merged = build_model(cfg, mesh, with_lora=False)
         np.testing.assert_allclose(logits_of(merged, tokens), restored["logits"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(logits_of(tunix_loader_model(cfg, folder), tokens), restored["logits"],
+    np.testing.assert_allclose(logits_of(tunix_loader_model(cfg, variation), tokens), restored["logits"],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", [UNRESTRICTED, UNRESTRICTED_WITH_SUFFIX], ids=["as-is", "actor-step-suffix"])
+def test_the_judges_unrestricted_cells_restore_the_final_lora_from_the_export(
+        variation: Path, each_tiny_run_dir: Path, tiny_cfg: config.Config, restored: dict, tokens: np.ndarray,
+        cell: str) -> None:
+    """The template's unrestricted cell on each architecture's export, only kagglehub's download replaced by the
+    folder: with and without the appended actor/<step>/model_params it puts the run's final LoRA into a fresh
+    lora_policy."""
+    mesh = make_mesh(tiny_cfg)
+    with jax.set_mesh(mesh):
+        lora_policy = build_model(tiny_cfg, mesh)
+    assert not all(np.array_equal(a, restored["lora"][p]) for p, a in lora_arrays(lora_policy).items())
+    kernel = {"os": os, "jax": jax, "nnx": nnx, "ocp": ocp, "lora_policy": lora_policy,
+              "unrestricted_kaggle_model": "me/gemma-tunix", "latest_step": checkpoint_step(each_tiny_run_dir),
+              "kagglehub": LocalKaggleHub({"me/gemma-tunix/jax/size": str(variation)})}
+    run_cells(kernel, cell)
+    got = lora_arrays(lora_policy)
+    assert got.keys() == restored["lora"].keys()
+    for path, value in got.items():
+        assert value.dtype == restored["lora"][path].dtype and np.array_equal(value, restored["lora"][path]), path
+    np.testing.assert_array_equal(logits_of(lora_policy, tokens), restored["logits"])
 
 
 def test_hf_export_matches_in_transformers(each_tiny_run_dir: Path, tiny_cfg: config.Config, restored: dict,
@@ -114,7 +154,7 @@ def test_hf_export_matches_in_transformers(each_tiny_run_dir: Path, tiny_cfg: co
     transformers = pytest.importorskip("transformers")
     out = export.main(["--preset", tiny_cfg.preset, "--run", str(each_tiny_run_dir), "--format", "hf", "--out",
                        str(tmp_path / "hf")])
-    assert json.loads((out / "export.json").read_text())["step"] == latest_step(each_tiny_run_dir)
+    assert json.loads((out / "export.json").read_text())["step"] == newest_good_step(each_tiny_run_dir)
     assert tokens.shape[1] > tiny_cfg.model.sliding_window or config.model_family(tiny_cfg.model) == "gemma2"
     architecture = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[config.model_family(tiny_cfg.model)]
     model = getattr(transformers, architecture).from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
@@ -136,7 +176,7 @@ def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_di
     summary = train_sft.main(["--preset", "cpu-tiny", "--init-from", str(tiny_run_dir), "--out", str(tmp_path / "u"),
                               "--data", str(tiny_data_dir), "--max-steps", "1", "--run.eval_every", "100"])
     assert summary["steps"] == 1
-    assert f"initialised LoRA from {tiny_run_dir} step {latest_step(tiny_run_dir)}" in capsys.readouterr().out
+    assert f"initialised LoRA from {tiny_run_dir} step {newest_good_step(tiny_run_dir)}" in capsys.readouterr().out
 
 
 def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -144,23 +184,35 @@ def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypat
     for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
-    assert not export.upload(tmp_path, "me/model/jax/unrestricted", "notes")
+    assert not export.upload(tmp_path, "me/model", "notes")
     out = capsys.readouterr().out
-    assert f"kagglehub.model_upload('me/model/jax/unrestricted', '{tmp_path.resolve()}'" in out
+    assert f"kagglehub.model_upload('me/model/jax/size', '{tmp_path.resolve()}'" in out
 
 
-def test_upload_with_credentials_calls_kagglehub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_with_credentials_goes_where_the_template_downloads(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import kagglehub
 
     calls = []
     monkeypatch.setenv("KAGGLE_USERNAME", "me")
     monkeypatch.setenv("KAGGLE_KEY", "secret")
     monkeypatch.setattr(kagglehub, "model_upload", lambda *a, **k: calls.append((a, k)))
-    assert export.upload(tmp_path, "me/model/jax/unrestricted", "notes")
-    assert calls == [(("me/model/jax/unrestricted", str(tmp_path.resolve())),
+    assert export.upload(tmp_path, "me/model", "notes")
+    assert calls == [(("me/model/jax/size", str(tmp_path.resolve())),
                       {"license_name": export.LICENSE_NAME, "version_notes": "notes"})]
-    with pytest.raises(config.ConfigError, match="OWNER/MODEL/FRAMEWORK/VARIATION"):
-        export.upload(tmp_path, "me/model", "notes")
+    for handle in ("me/model/jax/size", "me", "me/"):  # the notebook names USER/MODEL; the template adds /jax/size
+        with pytest.raises(config.ConfigError, match="pass OWNER/MODEL"):
+            export.upload(tmp_path, handle, "notes")
+
+
+def test_an_export_replaces_only_an_earlier_export(each_tiny_run_dir: Path, tiny_cfg: config.Config, tmp_path: Path
+                                                   ) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(config.ConfigError, match="not an export"):
+        export.export(tiny_cfg, each_tiny_run_dir, "orbax", tmp_path)
+    with pytest.raises(config.ConfigError, match="drop --upload"):
+        export.export(tiny_cfg, each_tiny_run_dir, "hf", tmp_path / "hf", upload_model="me/model")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "hf").exists()
 
 
 def test_hf_export_drops_tunix_embedding_padding_to_the_published_vocabulary() -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hold_run_lock_in_a_child, run_on_8_devices
+from conftest import run_on_8_devices
 from flax import nnx
 from tunix.sft import peft_trainer
 
@@ -331,16 +328,6 @@ def test_a_lora_regex_that_matches_no_projection_stops_before_the_build(monkeypa
         f"layers/{i}/mlp/up_proj" for i in range(cfg.model.num_layers)]
 
 
-def test_a_run_of_another_tokenizer_is_refused(tiny_run_dir, tiny_data_dir, tmp_path):
-    recorded = json.loads((tiny_run_dir / "config.json").read_text())
-    assert recorded["data_manifest"]["tokenizer_sha256"] == data_prep.read_manifest(tiny_data_dir)["tokenizer_sha256"]
-    model.check_same_tokenizer(tiny_run_dir, tiny_data_dir)  # its own data: accepted
-    recorded["data_manifest"]["tokenizer_sha256"] = "0" * 64
-    (tmp_path / "config.json").write_text(json.dumps(recorded))
-    with pytest.raises(config.ConfigError, match=r"was trained with tokenizer .* \(sha256 000000000000\)"):
-        model.check_same_tokenizer(tmp_path, tiny_data_dir)
-
-
 def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_tokenizer_far_too_small():
     """Gemma's 128 padding rows are masked; a 2,048-piece tokenizer on the 256,128-row embedding is refused at
     once (Tunix's Sampler would spend its compile on 254,080 forbidden ids and run out of memory)."""
@@ -362,84 +349,3 @@ def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_to
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("cpu", None)])
 def test_peak_flops_by_device_kind(kind, peak):
     assert model.device_peak_flops(kind) == peak
-
-
-# ----------------------------------------------------------------------------- damaged checkpoints
-
-
-def _damage(ckpt_dir: Path, kind: str) -> int:
-    """Damages the run's newest checkpoint as a kill, a full disk or a careless hand would; returns its step."""
-    step_dir = ckpt_dir / "12"
-    if kind == "missing_item_metadata":
-        (step_dir / "model_params" / "_METADATA").unlink()
-    elif kind == "garbage_checkpoint_metadata":
-        (step_dir / "_CHECKPOINT_METADATA").write_text("\x00garbage")
-    elif kind == "truncated_array":
-        for chunk in (step_dir / "optimizer_state").rglob("*"):
-            if chunk.is_file() and chunk.parent.name == "d":
-                chunk.write_bytes(chunk.read_bytes()[:10])
-    elif kind == "empty_step_dir":
-        (ckpt_dir / "16").mkdir()
-        return 16
-    return 12
-
-
-@pytest.mark.parametrize("kind", ["missing_item_metadata", "garbage_checkpoint_metadata", "truncated_array",
-                                  "empty_step_dir"])
-def test_a_damaged_checkpoint_is_set_aside_and_every_reader_gets_the_newest_good_one(
-        tiny_run_dir, tiny_model, tmp_path, capsys, kind):
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run_dir, run_dir)
-    ckpt_dir = run_dir / model.CHECKPOINT_SUBDIR
-    damaged = _damage(ckpt_dir, kind)
-    good = 12 if damaged == 16 else 8
-    assert model.checkpoint_step(run_dir) == good  # the early check of evaluation, export and --init-from
-    note = capsys.readouterr().out.strip()
-    assert note.startswith(f"checkpoint {ckpt_dir / str(damaged)} cannot be restored (") and "\n" not in note
-    [aside] = ckpt_dir.glob(f"{damaged}.damaged-*")  # renamed, never deleted
-    assert note.endswith(f"set aside as {aside}") and not (ckpt_dir / str(damaged)).exists()
-    assert model.latest_step(run_dir) == good and capsys.readouterr().out == ""  # nothing more to set aside
-    assert model.restore_lora(tiny_model, run_dir) == good
-
-
-def test_a_checkpoint_is_read_back_whole_once_per_process_until_it_is_rewritten(tiny_run_dir, tmp_path,
-                                                                                  monkeypatch):
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run_dir, run_dir)
-    assert model.latest_step(run_dir) == 12
-    monkeypatch.setattr(model, "_checkpoint_manager", lambda *_: pytest.fail("checkpoint 12 was read again"))
-    assert model.checkpoint_step(run_dir) == model.latest_step(run_dir) == 12
-    metadata = run_dir / model.CHECKPOINT_SUBDIR / "12" / "_CHECKPOINT_METADATA"
-    os.utime(metadata, ns=(metadata.stat().st_atime_ns, metadata.stat().st_mtime_ns + 1))  # saved again
-    with pytest.raises(pytest.fail.Exception, match="read again"):
-        model.latest_step(run_dir)
-
-
-def test_a_damaged_checkpoint_is_left_in_place_while_another_process_writes_the_run(tiny_run_dir, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run_dir, run_dir)
-    (run_dir / model.CHECKPOINT_SUBDIR / "16").mkdir()
-    holder = hold_run_lock_in_a_child(run_dir)
-    try:
-        assert model.latest_step(run_dir) == 12
-        assert f"skipped; not set aside while pid {holder} on" in capsys.readouterr().out
-        assert (run_dir / model.CHECKPOINT_SUBDIR / "16").is_dir()  # the writer's directory is not touched
-    finally:
-        os.kill(holder, signal.SIGKILL)
-        os.waitpid(holder, 0)
-
-
-def test_one_writer_per_run_directory_and_a_killed_writer_blocks_nothing(tmp_path):
-    run_dir = tmp_path / "run"
-    holder = hold_run_lock_in_a_child(run_dir)
-    try:
-        with pytest.raises(config.ConfigError, match=rf"^{run_dir} is being trained by pid {holder} on .*: wait"):
-            model.lock_run(run_dir)
-    finally:
-        os.kill(holder, signal.SIGKILL)  # no clean-up of any kind: the OS drops the lock with the process
-        os.waitpid(holder, 0)
-    model.lock_run(run_dir)
-    try:
-        assert (run_dir / model.RUN_LOCK).read_text().startswith(f"pid {os.getpid()} on ")
-    finally:
-        model.unlock_run(run_dir)
