@@ -182,6 +182,18 @@ class RunConfig:
     compile_cache_dir: str = ""
     # Peak bf16 FLOP/s of one device, for model FLOPs utilisation (0 = look it up).
     peak_flops_per_device: float = 0.0
+    # Several JAX processes (the hosts of a TPU pod slice, or several processes on one machine): process 0's
+    # "host:port", or "auto" for JAX's own detection (TPU pod slices, Slurm, Open MPI); empty = one process, unless
+    # the environment announces several (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES).
+    coordinator: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    # Seconds for every process to join (and to leave at the end), and of silence after which a process counts as
+    # dead and every other one stops (the distributed runtime's heartbeat).
+    join_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
+    # Minutes the other processes wait for process 0 to prepare the data.
+    data_wait_min: float = 120.0
 
 
 @dataclass
@@ -503,6 +515,18 @@ def validate(cfg: Config) -> None:
     if num_kv_heads % r.mesh_tp or num_heads % r.mesh_tp:
         raise ConfigError(f"--run.mesh_tp {r.mesh_tp} does not divide the model's {num_kv_heads} kv heads "
                           f"and {num_heads} heads: use a tp of {_divisors(num_kv_heads)}")
+    if r.num_processes < 1 or not 0 <= r.process_id < r.num_processes:
+        raise ConfigError(f"--run.process_id {r.process_id} is not one of the {r.num_processes} processes of "
+                          f"--run.num_processes: number the processes 0..{max(r.num_processes, 1) - 1}")
+    if r.num_processes > 1 and r.coordinator in ("", "auto"):
+        raise ConfigError(f"--run.num_processes {r.num_processes} needs --run.coordinator HOST:PORT (process 0's "
+                          f"address, the same on every process)")
+    host, _, port = r.coordinator.rpartition(":")
+    if r.coordinator not in ("", "auto") and not (host and port.isdigit()):
+        raise ConfigError(f"--run.coordinator {r.coordinator!r} is not HOST:PORT: give process 0's address, "
+                          "e.g. 10.0.0.2:8476, or auto on a TPU pod slice")
+    if r.join_timeout_s < 1 or r.heartbeat_timeout_s < 1 or r.data_wait_min <= 0:
+        raise ConfigError("--run.join_timeout_s, --run.heartbeat_timeout_s and --run.data_wait_min must be positive")
     if r.micro_batch < 1 or r.grad_accum < 1:
         raise ConfigError("--run.micro_batch and --run.grad_accum must be at least 1")
     if r.micro_batch % r.mesh_fsdp:

@@ -32,7 +32,7 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -321,6 +321,8 @@ def _array_path(data_dir: Path, split: str, name: str) -> Path:
 ARRAY_NAMES = ("tokens", "loss_mask", "row_offsets", "window_offsets")
 # The arrays of one batch, each int32[batch, max_len].
 BATCH_FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
+# The counts a training batch also carries, of the whole global batch: tokens and loss tokens.
+GLOBAL_COUNTS = ("tokens_total", "loss_tokens_total")
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -502,6 +504,18 @@ def process_rows(sp: spm.SentencePieceProcessor, rows: Iterable[dict | str], cfg
             return
 
 
+@dataclasses.dataclass
+class RowsRead:
+    """What one pass over the source gave: rows read, drops by reason, the kept rows (tokens, loss mask), every
+    tokenized row's length, and the prompts and completions of the last ``eval_rows`` kept rows (held out)."""
+
+    held_out: collections.deque[tuple[str, str]]
+    count: int = 0
+    drops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kept: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+
 def prepare(cfg: Config, show_progress: bool = True) -> Path:
     """Runs the data stage into ``cfg.data.out_dir`` (or reuses a valid preparation there) and returns it."""
     d = cfg.data
@@ -516,34 +530,43 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
         if show_progress:
             print(f"reusing the prepared data in {data_dir} (same source, tokenizer, max_len and packing)")
         return data_dir
-
-    rows_read, drops = 0, collections.Counter()
-    kept_rows: list[tuple[np.ndarray, np.ndarray]] = []
-    row_lengths: list[int] = []
-    held_out_texts: collections.deque[tuple[str, str]] = collections.deque(maxlen=d.eval_rows or None)
     kept_wanted = kept_rows_wanted(d)
-    with tqdm(total=kept_wanted or None, desc="rows kept", unit="row", disable=not show_progress) as progress:
-        for row in process_rows(sp, read_source(d), d):
-            rows_read += 1
-            if row.drop_reason:
-                drops[row.drop_reason] += 1
-            if row.length:
-                row_lengths.append(row.length)
-            if row.example is not None:
-                kept_rows.append(row.example)
-                held_out_texts.append((row.prompt, row.completion))
-                progress.update()
-            if rows_read % 100 == 0:
-                progress.set_postfix(read=rows_read, refresh=False)
-        progress.set_postfix(read=rows_read)
-    if len(kept_rows) <= d.eval_rows:
-        reasons = ", ".join(f"{n} {r}" for r, n in drops.most_common()) or "none"
-        raise ConfigError(f"{d.source} gave {len(kept_rows)} usable rows of {rows_read} read (dropped: {reasons}); "
+    read = read_rows(sp, d, kept_wanted, show_progress)
+    if len(read.kept) <= d.eval_rows:
+        reasons = ", ".join(f"{n} {r}" for r, n in read.drops.most_common()) or "none"
+        raise ConfigError(f"{d.source} gave {len(read.kept)} usable rows of {read.count} read (dropped: {reasons}); "
                           f"need more than --data.eval_rows {d.eval_rows}")
-
-    split_rows = {"train": kept_rows[:len(kept_rows) - d.eval_rows], "eval": kept_rows[len(kept_rows) - d.eval_rows:]}
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "manifest.json").unlink(missing_ok=True)  # written last: its presence marks a complete directory
+    split_stats = write_splits(data_dir, d, read)
+    write_stats_and_manifest(data_dir, d, key, read, kept_wanted, split_stats)
+    return data_dir
+
+
+def read_rows(sp: spm.SentencePieceProcessor, d: DataConfig, kept_wanted: int, show_progress: bool) -> RowsRead:
+    """One pass over the source (until enough rows are kept), with a progress bar of rows kept."""
+    read = RowsRead(held_out=collections.deque(maxlen=d.eval_rows or None))
+    with tqdm(total=kept_wanted or None, desc="rows kept", unit="row", disable=not show_progress) as progress:
+        for row in process_rows(sp, read_source(d), d):
+            read.count += 1
+            if row.drop_reason:
+                read.drops[row.drop_reason] += 1
+            if row.length:
+                read.lengths.append(row.length)
+            if row.example is not None:
+                read.kept.append(row.example)
+                read.held_out.append((row.prompt, row.completion))
+                progress.update()
+            if read.count % 100 == 0:
+                progress.set_postfix(read=read.count, refresh=False)
+        progress.set_postfix(read=read.count)
+    return read
+
+
+def write_splits(data_dir: Path, d: DataConfig, read: RowsRead) -> dict[str, dict]:
+    """The train and eval windows (the last ``eval_rows`` kept rows are held out), the held-out prompts and the
+    length plot; returns each split's length statistics."""
+    split_rows = {"train": read.kept[:len(read.kept) - d.eval_rows], "eval": read.kept[len(read.kept) - d.eval_rows:]}
     split_stats = {}
     for split, rows in split_rows.items():
         lengths = [len(tokens) for tokens, _ in rows]
@@ -551,19 +574,25 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
         write_split(data_dir, split, rows, windows)
         split_stats[split] = length_stats(rows, len(windows), d.max_len)
     with open(data_dir / "eval_prompts.jsonl", "w") as f:
-        for prompt, reference in held_out_texts if d.eval_rows else ():
+        for prompt, reference in read.held_out if d.eval_rows else ():
             f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
-    plot_lengths(data_dir / "row_lengths.png", row_lengths, d.max_len)
+    plot_lengths(data_dir / "row_lengths.png", read.lengths, d.max_len)
+    return split_stats
 
-    source_rows = [d.start, d.start + rows_read]
-    enough = bool(kept_wanted) and len(kept_rows) >= kept_wanted
+
+def write_stats_and_manifest(data_dir: Path, d: DataConfig, key: dict, read: RowsRead, kept_wanted: int,
+                             split_stats: dict[str, dict]) -> None:
+    """stats.json (what was read, kept and dropped, and why reading stopped), then manifest.json, which marks the
+    directory complete."""
+    source_rows = [d.start, d.start + read.count]
+    enough = bool(kept_wanted) and len(read.kept) >= kept_wanted
     ran_out = not enough and not (d.stop and source_rows[1] >= d.stop)
-    lengths = kept_lengths(kept_rows, row_lengths, d.max_len)
+    lengths = kept_lengths(read.kept, read.lengths, d.max_len)
     stats = {
-        "rows_read": rows_read, "rows_kept": len(kept_rows), "rows_dropped": sum(drops.values()),
+        "rows_read": read.count, "rows_kept": len(read.kept), "rows_dropped": sum(read.drops.values()),
         "kept_rows_wanted": kept_wanted, "source_rows": source_rows, "source_ran_out": ran_out,
-        "rows_read_per_kept_row": rows_read / len(kept_rows),
-        "dropped_by_reason": dict(sorted(drops.items())),
+        "rows_read_per_kept_row": read.count / len(read.kept),
+        "dropped_by_reason": dict(sorted(read.drops.items())),
         "stopped_because": "kept rows wanted" if enough else "source ended" if ran_out else "row range ended",
         "lengths": lengths,
         **split_stats,
@@ -572,7 +601,6 @@ def prepare(cfg: Config, show_progress: bool = True) -> Path:
     counts = {f"{split}_{what}": split_stats[split][what] for split in SPLITS for what in ("rows", "windows", "tokens")}
     manifest = {**key, "source_rows": source_rows, "counts": counts, "lengths": lengths}
     (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return data_dir
 
 
 def generation_budget(data_dir: str | Path) -> int:
@@ -635,34 +663,54 @@ class PackedWindows:
         window["positions"][:n] = np.arange(n) - np.repeat(row_starts[:-1] - begin, row_lengths)
         return window
 
+    def counts(self, index: int) -> tuple[int, int]:
+        """Tokens and loss tokens of a window, reading only its loss mask."""
+        first_row, end_row = self.arrays["window_offsets"][index:index + 2]
+        begin, end = self.arrays["row_offsets"][first_row], self.arrays["row_offsets"][end_row]
+        return int(end - begin), int(np.count_nonzero(self.arrays["loss_mask"][begin:end]))
+
 
 def num_windows(data_dir: str | Path, split: str = "train") -> int:
     """Packed windows (training rows after packing) in a split: one epoch is this many rows."""
     return read_manifest(data_dir)["counts"][f"{split}_windows"]
 
 
-def train_loader(data_dir: str | Path, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+def train_loader(data_dir: str | Path, batch_size: int, seed: int, rows: Sequence[int] | None = None
                  ) -> grain.DatasetIterator:
-    """Endless batches of training windows, reshuffled each epoch; ``get_state()``/``set_state()`` resume it.
+    """Endless global batches of ``batch_size`` training windows, reshuffled each epoch (an epoch may end inside a
+    batch: none is dropped); ``get_state()``/``set_state()`` resume it.
 
-    Each process reads its own disjoint shard of windows; batch_size is per process.
+    Every process walks the same global order and reads only its own ``rows`` of each batch (all by default), so
+    the global batches are the same whatever the number of processes. Each batch also carries the token and loss
+    token counts of the whole global batch (``GLOBAL_COUNTS``), for the rates every process reports alike.
     """
-    windows = grain.MapDataset.source(PackedWindows(data_dir, "train"))[shard_index::shard_count]
-    if len(windows) < batch_size:
-        raise ConfigError(f"shard {shard_index}/{shard_count} of {data_dir} has {len(windows)} windows, "
-                          f"fewer than one batch of {batch_size}: prepare more rows or lower the batch")
-    batches = windows.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    source = PackedWindows(data_dir, "train")
+    if len(source) < batch_size:
+        raise ConfigError(f"{data_dir} has {len(source)} training windows, fewer than one batch of {batch_size}: "
+                          f"prepare more rows or lower the batch")
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+
+    def read(indices: np.ndarray) -> dict[str, Any]:
+        windows = [source[int(i)] for i in indices[rows]]
+        batch: dict[str, Any] = {name: np.stack([w[name] for w in windows]) for name in BATCH_FIELDS}
+        batch.update(zip(GLOBAL_COUNTS, np.sum([source.counts(int(i)) for i in indices], axis=0).tolist(), strict=True))
+        return batch
+
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat().batch(batch_size).map(read)
     # A window is a few memory-mapped slices: two threads and a short read-ahead keep up with any step
     # without grain's default 16 threads competing with the trainer for the host's cores.
-    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)))
+    return iter(order.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)))
 
 
-def eval_batches(data_dir: str | Path, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Every eval window once, in stored order; the last batch is filled with all-padding windows (loss_mask 0)."""
+def eval_batches(data_dir: str | Path, batch_size: int, rows: Sequence[int] | None = None
+                 ) -> list[dict[str, np.ndarray]]:
+    """Every eval window once, in stored order, in global batches of which this process holds ``rows`` (all by
+    default); the last batch is filled with all-padding windows (loss_mask 0)."""
     source = PackedWindows(data_dir, "eval")
     windows = [source[i] for i in range(len(source))]
     windows += [padding_window(source.max_len)] * (-len(windows) % batch_size)
-    return [{name: np.stack([w[name] for w in windows[i:i + batch_size]]) for name in BATCH_FIELDS}
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+    return [{name: np.stack([windows[i + r][name] for r in rows]) for name in BATCH_FIELDS}
             for i in range(0, len(windows), batch_size)]
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from tunix.models.gemma import params as gemma_params
 from tunix.models.gemma3 import model as gemma3_lib
 from tunix.models.gemma3 import params as gemma3_params
 
+import tunix_adapter
 from chat_format import END_OF_TURN, build_prompt, tokens_after_answer
 from config import (
     LORA_MODULES,
@@ -49,6 +51,7 @@ from config import (
     ConfigError,
     EvalConfig,
     ModelConfig,
+    RunConfig,
     model_family,
 )
 from kaggle_weights import kaggle_checkpoint_dir
@@ -65,10 +68,77 @@ PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v
 # ----------------------------------------------------------------------------- mesh and model
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host TPU slices and GPU clusters announce themselves through the environment."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+def maybe_initialize_distributed(r: RunConfig) -> None:
+    """Joins the other JAX processes of a multi-host run (before JAX touches a device): ``run.coordinator`` names
+    process 0, or "auto" lets JAX find a TPU pod slice's hosts (GKE and Slurm also announce themselves in the
+    environment). A process that stops answering for ``run.heartbeat_timeout_s`` ends every other one: the runtime
+    aborts them with "Terminating process because the JAX distributed service detected fatal errors", naming the
+    silent task (tests/test_multihost.py)."""
+    coordinator = r.coordinator or ("auto" if os.environ.get("JAX_COORDINATOR_ADDRESS")
+                                    or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") else "")
+    if not coordinator:
+        return
+    timeouts = dict(initialization_timeout=r.join_timeout_s, heartbeat_timeout_seconds=r.heartbeat_timeout_s,
+                    shutdown_timeout_seconds=r.join_timeout_s)
+    if coordinator == "auto":
+        jax.distributed.initialize(**timeouts)
+    else:
+        _check_coordinator(coordinator, r.process_id, r.join_timeout_s)
+        jax.distributed.initialize(coordinator, r.num_processes, r.process_id, **timeouts)
+    print(f"process {jax.process_index()} of {jax.process_count()} joined the run ({jax.local_device_count()} "
+          f"local devices of {jax.device_count()})", flush=True)
+
+
+def _check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """The runtime aborts with a stack trace when it cannot reach the coordinator: check first, with one line.
+    Process 0 must be able to listen on the port; the others wait up to timeout_s for it to listen."""
+    host, port = address.rsplit(":", 1)
+    if process_id == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind(("", int(port)))
+            except OSError as err:
+                raise ConfigError(f"process 0 cannot listen on port {port} of --run.coordinator {address} "
+                                  f"({err.strerror}): pick a free port") from None
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"process {process_id} cannot reach the coordinator {address} (process 0) after "
+                                  f"{timeout_s:.0f} s ({err.strerror or err}): start process 0 with the same "
+                                  f"--run.coordinator, or fix the address") from None
+            time.sleep(0.5)
+
+
+def wait_for_all_processes(name: str, timeout_s: float, waiting_for: str) -> None:
+    """A barrier of every process (nothing with one process); a wait longer than timeout_s stops with one line."""
+    if jax.process_count() == 1:
+        return
+    try:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+    except jax.errors.JaxRuntimeError as err:
+        raise ConfigError(f"process {jax.process_index()} waited {timeout_s:.0f} s for {waiting_for} in vain "
+                          f"({str(err).splitlines()[0][:120]}): see process 0's output") from None
+
+
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+    """The rows of a [batch_size, ...] global batch that this process's devices hold, in the order
+    ``jax.make_array_from_process_local_data`` expects this process's rows (by their first global row)."""
+    shard_rows = sharding.shard_shape((batch_size,))[0]
+    starts = sorted({index[0].start or 0 for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    return np.concatenate([np.arange(start, start + shard_rows) for start in starts])
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding, batch_size: int
+                 ) -> dict[str, jax.Array]:
+    """One global batch from every process's own rows (``process_rows``). Tunix's own helper infers the global
+    shape from the local one and replicates a batch whose local rows do not divide by the mesh (4 rows on fsdp 8)."""
+    return {name: jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+            for name, rows in local.items()}
 
 
 def make_mesh(cfg: Config) -> jax.sharding.Mesh:
@@ -171,8 +241,8 @@ def _kaggle_params(model_cfg: ModelConfig, source: Path) -> dict[tuple[str | int
         model = gemma_lib.module_from_linen_variables(
             module_factory=lambda: new_model(model_cfg),
             variables=gemma_params.load_and_format_params(str(source))["transformer"],
-            map_key_fn=gemma_lib._map_linen_var_names,  # from_params knows only the published sizes
-            assign_val_fn=gemma_lib._assign_linen_params_to_nnx_state)
+            map_key_fn=tunix_adapter.map_linen_var_names,  # from_params knows only the published sizes
+            assign_val_fn=tunix_adapter.assign_linen_params_to_nnx_state)
     except ValueError as err:  # a tensor the model does not have
         raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} "
                           f"({str(err).splitlines()[0]}): use the checkpoint of that model") from None
@@ -280,9 +350,7 @@ def count_params(model: nnx.Module, kind: type = nnx.Param) -> int:
 # training and eval-loss forward passes (no KV cache) hand that part to JAX's Pallas TPU splash kernel instead.
 # The model gets the packed rows' segment ids (a ``PackedSegments``) where Tunix takes its [B, T, S] mask; with a
 # cache (decoding) or a mask (the "xla" setting) the swapped method is Tunix's own, unchanged.
-# tests/test_attention.py pins the Tunix version and the source of the method replaced here.
-
-TUNIX_ATTENTION_BLOCK = gemma_lib.Attention.block
+# tunix_adapter.py pins the Tunix version and the source of the method replaced here (its ``ATTENTION_BLOCK``).
 
 
 @jax.tree_util.register_dataclass
@@ -297,7 +365,7 @@ class PackedSegments:
 
 def _context_mesh() -> Any:
     """The mesh the step runs under: Tunix's legacy ``with mesh:`` (the trainer) or ``jax.set_mesh``; None outside."""
-    mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+    mesh = tunix_adapter.legacy_mesh()
     mesh = jax.sharding.get_abstract_mesh() if mesh.empty else mesh
     return None if mesh.empty else mesh
 
@@ -346,7 +414,7 @@ def _attention_block(self: gemma_lib.Attention, x: jax.Array, segment_pos: jax.A
     """Tunix's ``Attention.block`` with its scores, soft-cap, mask, softmax and value sum done by
     ``splash_attention`` when given ``PackedSegments`` without a cache; Tunix's own method otherwise."""
     if not isinstance(attn_mask, PackedSegments):
-        return TUNIX_ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
+        return tunix_adapter.ATTENTION_BLOCK(self, x, segment_pos, cache, attn_mask)
     if cache is not None:
         raise ValueError("packed segment ids are for cache-free forward passes: decode with Tunix's mask")
     # As Tunix 0.1.7 computes them: projections (qwix adds LoRA to these einsums), RoPE, the query scale.

@@ -2,7 +2,7 @@
 before it imports anything heavy.
 
     RUN/config.json                       the settings and the data manifest the run was trained with
-    RUN/run.lock                          held by the one process that trains into RUN
+    RUN/run.lock                          held by the one process that trains into RUN (process 0 of several)
     RUN/actor/<step>/                     orbax checkpoints: LoRA (model_params), optimizer state, resume metadata;
                                           RUN/actor/<step>/model_params is where the hackathon's template finds
                                           the LoRA (its CKPT_DIR = the run directory)
@@ -144,10 +144,17 @@ def _arrays_problem(run_dir: str | Path, step: int) -> str | None:
     import numpy as np
     import orbax.checkpoint as ocp
 
+    # Each process reads for itself: orbax otherwise makes every process of a multi-process run take part in each
+    # call, and processes that meet different steps (one already set aside) would wait for each other for ever.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    options = ocp.CheckpointManagerOptions(create=False, multiprocessing_options=alone)
     for item in CHECKPOINT_ITEMS:
-        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_one_array_at_a_time())
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_one_array_at_a_time(),
+                                              multiprocessing_options=alone)
         try:
-            with ocp.CheckpointManager(checkpoint_dir(run_dir).resolve(), item_handlers={item: handler}) as mgr:
+            with ocp.CheckpointManager(checkpoint_dir(run_dir).resolve(), options=options,
+                                       item_handlers={item: handler}) as mgr:
                 saved = mgr.item_metadata(step)[item]
                 as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved,
                                         is_leaf=lambda x: hasattr(x, "shape"))
@@ -227,10 +234,16 @@ def keep_newest_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 def set_aside(run_dir: str | Path, step: int, problem: str, lock: RunLock | None = None) -> None:
     """Renames a damaged step directory to ``<step>.damaged-<time>`` (never deletes it), unless another process is
-    writing the run; either way says so in one line. ``lock``: this process holds the run's lock already."""
+    writing the run or this is not process 0 of a multi-process run (whose run files are process 0's); either way
+    says so in one line. ``lock``: this process holds the run's lock already."""
+    import jax
+
     run_dir = Path(run_dir)
     step_dir = checkpoint_dir(run_dir) / str(step)
     where = f"checkpoint {step_dir} cannot be restored: {problem};"
+    if jax.process_index() != 0:
+        print(f"{where} left in place for process 0 to set aside")
+        return
     handle = None if lock is not None else _try_lock(run_dir.resolve())
     if isinstance(handle, str):
         print(f"{where} left in place while {handle} trains into {run_dir}")
@@ -421,6 +434,9 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
     """What a stage reads must be readable, what it writes writable, and a saved LoRA it loads must fit the
     settings. Standard library only: it runs before JAX, Tunix or a model is loaded."""
     d, r = cfg.data, cfg.run
+    for flag, path in (("--out", r.out_dir), ("--data", d.out_dir), ("--init-from", r.init_from),
+                       ("--data.continue_from", d.continue_from), ("--run", getattr(args, "run", None))):
+        check_file_system_path(path, flag)
     if stage == "train_sft" and "data.out_dir" in args.overrides:  # prepared data given: it is not rebuilt
         if not _is_file(Path(d.out_dir) / "manifest.json"):
             raise ConfigError(f"--data {d.out_dir} holds no prepared data (no manifest.json): run "
@@ -439,6 +455,14 @@ def preflight(cfg: Config, stage: str, args: argparse.Namespace) -> None:
         check_export_dir(args.out, args.format, args.upload)
     if stage == "eval_samples" and cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
         raise ConfigError(f"--eval.prompts {cfg.eval.prompts} does not exist: pass a .jsonl or a text file of prompts")
+
+
+def check_file_system_path(path: str | Path | None, flag: str) -> None:
+    """Run and data directories are file-system paths, shared by a pod slice's hosts through a mount: a URL stops."""
+    if path and "://" in str(path):
+        raise ConfigError(f"{flag} {path} is a URL: the run's lock (an OS file lock that process 0 holds) and the "
+                          "memory-mapped data need a file system; mount the bucket on every host (gcsfuse "
+                          "--implicit-dirs BUCKET ~/bucket) and pass the path under it")
 
 
 def check_writable_dir(path: str | Path, flag: str) -> None:

@@ -4,7 +4,7 @@ A small Gemma2 body (the cpu-tiny sizes) with Gemma2's 256,128-token vocabulary,
 2 x 512, the second half of each row carrying the loss. One jitted value-and-grad step (w.r.t. the LoRA params,
 as PeftTrainer takes it) per loss, each in a fresh subprocess, one after the other:
 
-- ``tunix``: Tunix's default loss (``peft_trainer._default_loss_fn``: log_softmax and a one-hot);
+- ``tunix``: Tunix's default loss (``tunix_adapter.default_loss_fn``: log_softmax and a one-hot);
 - ``full``: this project's loss with ``--model.loss_chunk 0`` (all logits at once, logsumexp minus the target);
 - ``chunk=N``: the chunked loss of ``model.py`` (``--model.loss_chunk N``), which takes at most a quarter of a
   row per chunk and the full logits when one chunk would cover the row (``model.row_loss_chunk``).
@@ -47,16 +47,16 @@ def worker(loss: str, dtype: str) -> dict:
     import jax
     import numpy as np
     from flax import nnx
-    from tunix.sft import peft_trainer
 
     import config
     import model as model_lib
+    import tunix_adapter
 
     chunk = int(loss.removeprefix("chunk=")) if loss.startswith("chunk=") else 0
     cfg = config.get_config("cpu-tiny", {"model.vocab_size": str(VOCAB), "model.dtype": dtype,
                                          "data.max_len": str(SEQ), "run.micro_batch": str(BATCH),
                                          "model.loss_chunk": str(chunk)})
-    loss_fn = peft_trainer._default_loss_fn if loss == "tunix" else model_lib.make_loss_fn(chunk)
+    loss_fn = tunix_adapter.default_loss_fn if loss == "tunix" else model_lib.make_loss_fn(chunk)
     rng = np.random.default_rng(0)
     loss_mask = np.zeros((BATCH, SEQ), np.int32)
     loss_mask[:, SEQ // 2:] = 1

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 RESULTS_PATH = Path(__file__).with_name("results_train_step.md")
@@ -78,7 +79,6 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
     import jax
     import jaxlib
     from flax import nnx
-    from tunix.sft import sharding_utils
 
     import config
     import train_sft
@@ -97,27 +97,11 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
                                   end_lr_ratio=1.0)  # constant lr, like the peer
         trainer = train_sft.make_trainer(model, cfg, plan, eval_every_n_steps=10**9, max_steps=warmup + steps,
                                          pbar_description=None)
-        train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as PeftTrainer.train does
-        losses, times, first_s = [], [], None
-        cpu0 = None
         batches = random_batches(warmup + steps, batch, seq, cfg.model.vocab_size, seed + 1)
         assert all(int(b["loss_mask"][:, 1:].sum()) == loss_tokens(batch, seq) for b in batches)
-        for i, example in enumerate(batches):
-            if i == warmup:
-                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            start = time.perf_counter()
-            example = sharding_utils.shard_input(example, trainer.config.data_sharding_axis)
-            loss, _aux, _grad_norm = train_step(example)
-            jax.block_until_ready(loss)
-            seconds = time.perf_counter() - start
-            losses.append(float(loss))
-            if i == 0:
-                first_s = seconds
-            if i >= warmup:
-                times.append(seconds)
-            print(f"[jax] step {i} loss {losses[-1]:.4f} {seconds:.3f}s", file=sys.stderr, flush=True)
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        losses, times, cpu0, cpu1 = timed_steps(trainer, batches, warmup)
         trainer.close()
+    first_s, times = times[0], times[warmup:]
     med = statistics.median(times)
     return {
         "impl": "jax-tunix-peft", "mode": "jitted_train_step",
@@ -136,6 +120,26 @@ def jax_worker(batch: int, seq: int, warmup: int, steps: int, seed: int) -> dict
         "loss_first": losses[0], "loss_last": losses[-1], "step_s_all": [round(t, 4) for t in times],
         "timed_user_s": round(cpu1.ru_utime - cpu0.ru_utime, 3), "timed_sys_s": round(cpu1.ru_stime - cpu0.ru_stime, 3),
     }
+
+
+def timed_steps(trainer: Any, batches: list[dict], warmup: int) -> tuple[list[float], list[float], Any, Any]:
+    """Runs the trainer's jitted train step (as PeftTrainer.train does) on each batch: the losses, every step's
+    seconds (the first includes the compile), and the process's CPU times from the first timed step and at the end."""
+    import jax
+    from tunix.sft import sharding_utils
+
+    train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
+    losses, times, cpu0 = [], [], resource.getrusage(resource.RUSAGE_SELF)
+    for i, example in enumerate(batches):
+        if i == warmup:
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        loss, _aux, _grad_norm = train_step(sharding_utils.shard_input(example, trainer.config.data_sharding_axis))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+        print(f"[jax] step {i} loss {losses[-1]:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
+    return losses, times, cpu0, resource.getrusage(resource.RUSAGE_SELF)
 
 
 def _version(dist: str) -> str:
@@ -255,7 +259,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-minute load below this ...")
     parser.add_argument("--load-wait-s", type=float, default=60.0, help="... for at most this long per measurement")
     parser.add_argument("--timeout-s", type=float, default=1200.0, help="per measurement")
-    parser.add_argument("--md", type=Path, default=RESULTS_PATH, help="markdown to update ('' = none)")
+    parser.add_argument("--md", default=str(RESULTS_PATH), help="markdown to update ('' = none)")
     parser.add_argument("--worker", choices=["jax"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=parse_shape, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -288,8 +292,8 @@ def main() -> None:
                 result = run_measurement(cmd, allocator, args.timeout_s)
                 results.append(result)
                 print(json.dumps(result), flush=True)
-                if str(args.md):  # after every measurement, so an interrupted run keeps what it has
-                    write_markdown(args.md, markdown(results, command, started))
+                if args.md:  # after every measurement, so an interrupted run keeps what it has
+                    write_markdown(Path(args.md), markdown(results, command, started))
 
 
 if __name__ == "__main__":

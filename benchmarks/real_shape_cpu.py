@@ -239,6 +239,7 @@ def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
     from tunix.models.gemma3 import params as gemma3_params
 
     import model
+    import tunix_adapter
 
     ours = model.gemma_config(cfg_of(args).model)
     if args.preset == "kaggle-gemma3":
@@ -257,7 +258,7 @@ def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
     assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
     return gemma_lib.module_from_linen_variables(
         lambda: gemma_lib.Gemma(cut, rngs=gemma_lib.nnx.Rngs(params=0)), params["transformer"],
-        gemma_lib._map_linen_var_names, gemma_lib._assign_linen_params_to_nnx_state)
+        tunix_adapter.map_linen_var_names, tunix_adapter.assign_linen_params_to_nnx_state)
 
 
 def load_download(args: argparse.Namespace) -> str:

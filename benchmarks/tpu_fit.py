@@ -48,6 +48,7 @@ from tunix.utils import sharding_utils as model_sharding_utils  # noqa: E402  (G
 import data_prep  # noqa: E402
 import model  # noqa: E402
 import train_sft  # noqa: E402
+import tunix_adapter  # noqa: E402
 from config import Config, ConfigError, get_config, parse_overrides  # noqa: E402
 
 RESULTS_PATH = Path(__file__).with_name("results_tpu_fit.md")
@@ -69,14 +70,15 @@ CHIPS = {kind: Chip(hbm, bandwidth, model.PEAK_FLOPS[kind]) for kind, hbm, bandw
 
 
 def topology_devices(topology: str) -> list[Any]:
-    """The devices of a one-host TPU slice, e.g. ``v5e:2x4`` (Kaggle's v5e-8), from libtpu alone."""
+    """The devices of a TPU slice, from libtpu alone: up to 8 chips on one host, e.g. ``v5e:2x4`` (Kaggle's
+    v5e-8); larger v5e slices as pod slices lay them out, 4 chips (2x2) a host, e.g. ``v5e:4x4`` (v5e-16)."""
     from jax.experimental import topologies
 
     shape = topology.partition(":")[2].split("x")
-    if not all(n.isdigit() for n in shape) or math.prod(map(int, shape)) > 8:
-        raise ConfigError(f"--topology {topology!r} is not one host's slice: use a name like v5e:2x4")
-    # All chips on one host (a bare topology name lays a v5e:2x4 out over 2 hosts), no wrap-around links.
-    bounds = (*map(int, shape), 1, 1)[:3]
+    if not all(n.isdigit() for n in shape):
+        raise ConfigError(f"--topology {topology!r} is not a slice's shape: use a name like v5e:2x4 or v5e:4x4")
+    # One host's chips all on that host (a bare topology name lays a v5e:2x4 out over 2 hosts), no wrap-around.
+    bounds = (*map(int, shape), 1, 1)[:3] if math.prod(map(int, shape)) <= 8 else (2, 2, 1)
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
                                             chips_per_host_bounds=bounds, num_slices=1, wrap=(False,) * 3)
@@ -93,7 +95,7 @@ def sharding_constraints_kept() -> Iterator[None]:
     originals = [(gemma_lib, gemma_lib.shard), (model_sharding_utils, model_sharding_utils.shard)]
 
     def shard(x: jax.Array, s: tuple[str, ...], eager: bool = False) -> jax.Array:
-        mesh = jax.interpreters.pxla.thread_resources.env.physical_mesh
+        mesh = tunix_adapter.legacy_mesh()
         if mesh.empty:
             return x
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)))
@@ -300,7 +302,7 @@ def append_row(path: Path, line: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", help="kaggle by default; cpu-tiny with --dry-run")
-    parser.add_argument("--topology", default="v5e:2x4", help="one-host TPU slice to compile for")
+    parser.add_argument("--topology", default="v5e:2x4", help="TPU slice to compile for (v5e:4x4: v5e-16)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on this machine's CPU devices")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="markdown to append the row to")
     args, rest = parser.parse_known_args(argv)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,37 +70,74 @@ def each_tiny_model(tiny_preset: str, request: pytest.FixtureRequest):
 
 
 TINY_RUN_STEPS = 12
+# One JAX compilation cache for the session's short runs: a run of a shape an earlier one compiled loads its steps.
+COMPILE_CACHE = Path(tempfile.mkdtemp(prefix="tunix_sft_tests_jax_cache_"))
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
 def tiny_run_config(out_dir: Path, data_dir: Path, preset: str = "cpu-tiny", **overrides: str) -> config.Config:
-    """cpu-tiny, cut to a short run that evaluates and checkpoints every few steps (and generates only when asked)."""
+    """cpu-tiny (or another tiny preset), cut to a short run that evaluates and checkpoints every few steps (and
+    generates only when asked), with the session's compilation cache (``run.compile_cache_dir ""`` gives the run its
+    own)."""
     settings = {"run.out_dir": str(out_dir), "data.out_dir": str(data_dir), "run.max_steps": str(TINY_RUN_STEPS),
                 "run.eval_every": "4", "run.checkpoint_every_steps": "4", "run.eval_batches": "1",
-                "eval.generate_every": "0", "run.time_budget_min": "0"}  # no wall-clock budget: load changes nothing
+                "eval.generate_every": "0", "run.time_budget_min": "0",  # no wall-clock budget: load changes nothing
+                "run.compile_cache_dir": str(COMPILE_CACHE)}
     return config.get_config(preset, settings | overrides)
 
 
-def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, preset: str) -> Path:
-    import train_sft
+def logits_of(model, tokens: np.ndarray) -> np.ndarray:
+    """The model's logits over tokens [B, L] as one causal row each."""
+    import jax.numpy as jnp
 
-    run_dir = tmp_path_factory.mktemp(preset.replace("-", "_") + "_run") / "run"
-    train_sft.train(tiny_run_config(run_dir, data_dir, preset), data_dir)
-    return run_dir
+    from model import packed_attention_mask
+
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), None,
+                      packed_attention_mask(jnp.ones(tokens.shape, jnp.int32)))
+    return np.asarray(logits)
+
+
+def logit_tokens(data_dir: Path) -> np.ndarray:
+    """Two held-out rows of 48 tokens: what the tests compare trained, restored and exported models on."""
+    return data_prep.eval_batches(data_dir, 2)[0]["tokens"][:, :48]
 
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
-    """A short cpu-tiny training run, shared by the training, evaluation and export tests."""
+    """A short cpu-tiny training run, shared by the training, evaluation and export tests. Beside it,
+    ``trained_logits.npy``: the trained model's logits over ``logit_tokens``, taken in memory when training ended."""
     return train_tiny_run(tmp_path_factory, tiny_data_dir, "cpu-tiny")
 
 
 @pytest.fixture(scope="session")
 def each_tiny_run_dir(tiny_preset: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                       tiny_data_dir: Path) -> Path:
-    """A short training run of each architecture's tiny model (the same prepared data: one tokenizer)."""
+    """A short training run of each architecture's tiny model (the same prepared data: one tokenizer), with its
+    ``trained_logits.npy`` beside it."""
     if tiny_preset == "cpu-tiny":
         return request.getfixturevalue("tiny_run_dir")
     return train_tiny_run(tmp_path_factory, tiny_data_dir, tiny_preset)
+
+
+def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, preset: str) -> Path:
+    """A short run of a tiny preset, and ``trained_logits.npy`` beside it, recorded from the model in memory."""
+    import jax
+
+    import train_sft
+    from model import make_mesh
+
+    run_dir = tmp_path_factory.mktemp(preset.replace("-", "_") + "_run") / "run"
+    built = []
+    with pytest.MonkeyPatch.context() as patch:
+        build_model = train_sft.build_model
+        patch.setattr(train_sft, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+        # Its own compilation cache: tests/test_train_sft.py counts what it compiles.
+        cfg = tiny_run_config(run_dir, data_dir, preset, **{"run.compile_cache_dir": ""})
+        train_sft.train(cfg, data_dir)
+    with jax.set_mesh(make_mesh(cfg)):
+        np.save(run_dir.parent / "trained_logits.npy", logits_of(built[0], logit_tokens(data_dir)))
+    return run_dir
 
 
 # Modules whose import is the heavy work a bad setting must not wait for.
@@ -109,12 +154,60 @@ def run_stage(script: str, *args: str | Path) -> tuple[int, list[str], set[str]]
     return done.returncode, [line for line in lines if not line.startswith("import time:")], imported
 
 
-def run_on_8_devices(script: str) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+# The 8-device worker: runs each script it is sent in a fresh namespace and answers with one marked line.
+EIGHT_DEVICE_WORKER = r"""
+import contextlib, io, json, sys, traceback
+for line in sys.stdin:
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            exec(compile(json.loads(line), "<8-device check>", "exec"), {"__name__": "__8_devices__"})
+        reply = {"ok": True, "stdout": captured.getvalue()}
+    except BaseException:
+        reply = {"ok": False, "stdout": captured.getvalue(), "error": traceback.format_exc()}
+    print("\0reply\0" + json.dumps(reply), flush=True)
+"""
+
+
+class EightDevices:
+    """One Python process with 8 simulated CPU devices (``--xla_force_host_platform_device_count=8``) for every
+    8-device check of the session: the interpreter starts and imports JAX and Tunix once, not once per check."""
+
+    def __init__(self, log: Path):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+        self.log = log
+        self.process = subprocess.Popen([sys.executable, "-c", EIGHT_DEVICE_WORKER], cwd=REPO, env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"))
+
+    def __call__(self, script: str, timeout: float = 400.0) -> str:
+        """Runs script there and returns what it printed; fails the test on its exception or after timeout s."""
+        self.process.stdin.write(json.dumps(textwrap.dedent(script)) + "\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.close()
+                pytest.fail(f"the 8-device check gave no answer in {timeout:.0f} s; its stderr: {self.log}")
+            line = self.process.stdout.readline()
+            if not line:
+                pytest.fail(f"the 8-device process ended: {self.log.read_text()[-3000:]}")
+            if line.startswith("\0reply\0"):
+                reply = json.loads(line.removeprefix("\0reply\0"))
+                assert reply["ok"], reply["error"][-3000:]
+                return reply["stdout"]
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def eight_devices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EightDevices]:
+    worker = EightDevices(tmp_path_factory.mktemp("eight_devices") / "stderr.log")
+    yield worker
+    worker.close()
 
 
 def hold_run_lock_in_a_child(run_dir: Path) -> int:

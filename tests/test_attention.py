@@ -3,16 +3,13 @@ interpret mode), float32: packed windows of several rows with a trailing pad, so
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-from importlib.metadata import version
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_RUN_STEPS, run_on_8_devices, tiny_run_config
+from conftest import TINY_RUN_STEPS, tiny_run_config
 from flax import nnx
 from test_train_sft import read_metrics
 from tunix.models.gemma import model as gemma_lib
@@ -21,21 +18,11 @@ import config
 import data_prep
 import model
 import train_sft
+import tunix_adapter
 
-# What model.py's swapped Attention.block was written against: another Tunix fails here, loudly.
-TUNIX_VERSION = "0.1.7"
-TUNIX_BLOCK_SHA256 = "ebc03bbd68c71dbdf786c0781470e58783eb28aae89874cd449ccaff7e726ee8"
 LENGTH = 128  # the splash kernel's blocks are multiples of 128 positions
 # Rows per packed window: window 0 ends in padding.
 ROWS = ((50, 45), (70, 58))
-
-
-def test_the_swapped_attention_is_pinned_to_the_tunix_it_was_written_against():
-    assert version("google-tunix") == TUNIX_VERSION, "model.py's fused-attention section copies Tunix 0.1.7's " \
-        "Attention.block: check it against this Tunix, then update TUNIX_VERSION and TUNIX_BLOCK_SHA256"
-    source = inspect.getsource(model.TUNIX_ATTENTION_BLOCK)
-    assert hashlib.sha256(source.encode()).hexdigest() == TUNIX_BLOCK_SHA256, "Tunix's Attention.block changed"
-    assert gemma_lib.Attention.block is model._attention_block
 
 
 def splash_config(window: int, **overrides: str) -> config.Config:
@@ -134,9 +121,9 @@ def test_each_packed_row_gets_its_own_logits_with_a_window_shorter_than_the_rows
             start += length
 
 
-def test_splash_runs_sharded_over_an_fsdp8_mesh_as_tunix_attention_does():
+def test_splash_runs_sharded_over_an_fsdp8_mesh_as_tunix_attention_does(eight_devices):
     """Under the trainer's mesh the kernel runs per device on its own rows (shard_map over fsdp)."""
-    out = run_on_8_devices("""
+    out = eight_devices("""
         import json, sys
         import numpy as np
         sys.path.insert(0, "tests")
@@ -170,7 +157,7 @@ def test_decoding_with_a_cache_is_tunix_own_attention(full_window_model, monkeyp
                                                    show_progress=False)]
 
     swapped = outputs()
-    monkeypatch.setattr(gemma_lib.Attention, "block", model.TUNIX_ATTENTION_BLOCK)
+    monkeypatch.setattr(gemma_lib.Attention, "block", tunix_adapter.ATTENTION_BLOCK)
     assert outputs() == swapped and any(swapped)
 
 

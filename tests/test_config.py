@@ -28,6 +28,13 @@ import kaggle_weights
     ("eval_samples.py", ["--run", "{tmp}/missing"], "error: run directory {tmp}/missing does not exist"),
     ("eval_samples.py", ["--run", "{tmp}", "--max-steps", "3"], "error: eval_samples.py does not use --max-steps"),
     ("export.py", ["--run", "{tmp}", "--out", "{file}"], "error: --out {file} is a file, not a directory"),
+    ("train_sft.py", ["--out", "gs://bucket/run"], "error: --out gs://bucket/run is a URL: the run's lock"),
+    ("data_prep.py", ["--data", "gs://bucket/data"], "error: --data gs://bucket/data is a URL"),
+    ("train_sft.py", ["--run.num_processes", "2"], "error: --run.num_processes 2 needs --run.coordinator HOST:PORT"),
+    ("train_sft.py", ["--run.coordinator", "10.0.0.2", "--run.num_processes", "2", "--run.process_id", "1"],
+     "error: --run.coordinator '10.0.0.2' is not HOST:PORT"),
+    ("train_sft.py", ["--run.coordinator", "h:1", "--run.num_processes", "2", "--run.process_id", "2"],
+     "error: --run.process_id 2 is not one of the 2 processes"),
     # outputs that no user can create, which permission bits call writable (as root under /proc): refused at once
     ("train_sft.py", ["--out", "{long}/run"], "error: --out {long}/run cannot be created (File name too long)"),
     ("train_sft.py", ["--out", "/proc/tunix-sft-probe/run"], "error: --out /proc/tunix-sft-probe/run "),

@@ -217,7 +217,9 @@ def test_every_row_appears_once_per_epoch_reshuffled(tiny_data_dir: Path, sp: sp
     windows = []
     while len(windows) < 2 * n_windows:
         b = next(loader)
-        assert set(b) == set(data_prep.BATCH_FIELDS)
+        assert set(b) == {*data_prep.BATCH_FIELDS, *data_prep.GLOBAL_COUNTS}
+        counts = [b.pop(name) for name in data_prep.GLOBAL_COUNTS]
+        assert counts == [np.count_nonzero(b["segment_ids"]), np.count_nonzero(b["loss_mask"])]
         assert all(v.shape == (batch, 512) and v.dtype == np.int32 for v in b.values())
         windows += [{k: v[i] for k, v in b.items()} for i in range(batch)]
     epochs = [windows[:n_windows], windows[n_windows:2 * n_windows]]
@@ -245,15 +247,22 @@ def test_loader_state_restores_the_same_next_batches(tiny_data_dir: Path) -> Non
     assert not np.array_equal(other_seed["tokens"], next(data_prep.train_loader(tiny_data_dir, 4, seed=0))["tokens"])
 
 
-def test_shards_are_disjoint_and_cover_the_split(tiny_data_dir: Path) -> None:
-    source = data_prep.PackedWindows(tiny_data_dir, "train")
-    seen = Counter()
-    for shard in range(2):
-        loader = data_prep.train_loader(tiny_data_dir, batch_size=2, seed=0, shard_index=shard, shard_count=2)
-        shard_windows = len(range(shard, len(source), 2))
-        windows = [t for _ in range(math.ceil(shard_windows / 2)) for t in next(loader)["tokens"].tolist()]
-        seen.update(tuple(t) for t in windows[:shard_windows])
-    assert seen == Counter(tuple(source[i]["tokens"].tolist()) for i in range(len(source)))
+def test_processes_read_their_own_rows_of_the_same_global_batches(tiny_data_dir: Path) -> None:
+    """Two processes holding rows [0, 1, 4, 5] and [2, 3, 6, 7] of each global batch of 8 read together what one
+    process reads, and both report the whole batch's counts."""
+    whole = data_prep.train_loader(tiny_data_dir, batch_size=8, seed=0)
+    halves = [data_prep.train_loader(tiny_data_dir, batch_size=8, seed=0, rows=rows) for rows in ([0, 1, 4, 5],
+                                                                                                  [2, 3, 6, 7])]
+    for _ in range(2 * data_prep.num_windows(tiny_data_dir) // 8):
+        expected, (first, second) = next(whole), [next(half) for half in halves]
+        for name in data_prep.BATCH_FIELDS:
+            assert np.array_equal(np.concatenate([first[name][:2], second[name][:2], first[name][2:],
+                                                  second[name][2:]]), expected[name])
+        assert [first[c] for c in data_prep.GLOBAL_COUNTS] == [second[c] for c in data_prep.GLOBAL_COUNTS] == [
+            expected[c] for c in data_prep.GLOBAL_COUNTS]
+    split = data_prep.eval_batches(tiny_data_dir, 4, rows=[1, 3])
+    assert all(np.array_equal(part["tokens"], batch["tokens"][[1, 3]])
+               for part, batch in zip(split, data_prep.eval_batches(tiny_data_dir, 4), strict=True))
 
 
 def test_eval_batches_pad_and_repeat(tiny_data_dir: Path) -> None:

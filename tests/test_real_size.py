@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +37,7 @@ def test_random_windows_are_packed_like_the_loaders():
 
 def test_dry_run_times_the_train_step_and_the_sampler_and_adds_a_row(tmp_path):
     md = tmp_path / "results.md"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--md", str(md), "--eval.max_new_tokens", "16"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = load_script().main(["--dry-run", "--md", str(md), "--eval.max_new_tokens", "16"])
     assert (result["preset"], result["model"], result["devices"]) == ("cpu-tiny", "tiny", 1)
     assert result["step_s"] > 0 and result["tokens_per_s"] > 0 and result["compile_s"] > 0
     assert 0 < result["tokens_per_step"] <= 4 * 512 and np.isfinite(result["loss_last"])

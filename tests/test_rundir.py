@@ -104,6 +104,22 @@ def test_a_damaged_checkpoint_is_left_in_place_while_another_process_writes_the_
         os.waitpid(holder, 0)
 
 
+def test_a_process_other_than_process_0_leaves_a_damaged_checkpoint_to_process_0(
+        tiny_run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The run's own files are process 0's in a multi-process run (tests/test_multihost.py runs real ones)."""
+    import jax
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    (rundir.checkpoint_dir(run_dir) / "16").mkdir()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert rundir.newest_good_step(run_dir, read_arrays=False, set_aside_damaged=True) == 12
+    assert capsys.readouterr().out == (f"checkpoint {rundir.checkpoint_dir(run_dir) / '16'} cannot be restored: its "
+                                       "_CHECKPOINT_METADATA does not read (FileNotFoundError); left in place for "
+                                       "process 0 to set aside\n")
+    assert (rundir.checkpoint_dir(run_dir) / "16").is_dir()
+
+
 # ----------------------------------------------------------------------------- saved runs that do not fit
 
 

@@ -7,7 +7,7 @@ import json
 
 import jax
 import numpy as np
-from conftest import REPO, run_on_8_devices
+from conftest import REPO
 from flax import nnx
 from tunix.models.gemma import model as gemma_lib
 
@@ -84,8 +84,8 @@ def test_tunix_shard_constraints_survive_on_cpu_inside_the_check_only():
     assert "sharding_constraint" not in dropped  # Tunix's own shard() on a CPU, restored after the check
 
 
-def test_dry_run_shards_over_8_cpu_devices(tmp_path):
-    out = run_on_8_devices(f"""
+def test_dry_run_shards_over_8_cpu_devices(tmp_path, eight_devices):
+    out = eight_devices(f"""
         import importlib.util, json
         spec = importlib.util.spec_from_file_location("tpu_fit", "benchmarks/tpu_fit.py")
         tpu_fit = importlib.util.module_from_spec(spec)

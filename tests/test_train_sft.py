@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import jax.numpy as jnp
 import pytest
-from conftest import TINY_RUN_STEPS, hold_run_lock_in_a_child, run_on_8_devices, tiny_run_config
+from conftest import TINY_RUN_STEPS, hold_run_lock_in_a_child, tiny_run_config
 from flax import nnx
 
 import config
@@ -72,73 +72,76 @@ class FakeClock:
         return self.now
 
 
-def test_monitor_caps_the_plan_and_stops_before_the_deadline(tmp_path):
+def run_hooks(cfg: config.Config, plan: train_sft.StepPlan, budget: train_sft.TimeBudget, tmp_path: Path,
+              probe: train_sft.FormatProbe | None = None) -> train_sft.RunHooks:
+    return train_sft.RunHooks(cfg, plan, budget, train_sft.MetricsLog(tmp_path / "metrics.jsonl"), probe)
+
+
+def test_the_plan_is_cut_to_the_budget_and_the_run_stops_before_the_deadline(tmp_path):
     cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3"})
     plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
     clock = FakeClock(now=0.0)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=clock)
-    monitor.step_times = [2.0, 2.0, 2.0]
+    budget = train_sft.TimeBudget(65.0, cfg.run.save_reserve_s, clock)
+    budget.step_times = [2.0, 2.0, 2.0]
     ctx = SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000))
-    monitor._maybe_cap_steps(ctx)
+    run_hooks(cfg, plan, budget, tmp_path).cut_plan_to_budget(ctx)
     # 65 s left minus the 5 s tiny reserve and the stop check's half-step margin, at 2 s a step: 29 more steps.
     assert plan.total_steps == 39
     assert ctx.config.max_steps == plan.total_steps
-    assert not monitor.should_stop()
+    assert not budget.should_stop()
     clock.now = 59.0
-    assert monitor.should_stop()
-    monitor.deadline, monitor.stop_requested = None, True  # SIGTERM
-    assert monitor.should_stop()
+    assert budget.should_stop()
+    budget.deadline, budget.stop_requested = None, True  # SIGTERM
+    assert budget.should_stop()
 
 
 def test_a_multi_session_plan_is_never_cut_to_the_budget(tmp_path):
     cfg = config.get_config("cpu-tiny", {"run.budget_probe_steps": "3", "run.multi_session": "true"})
     plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=65.0, clock=FakeClock(now=0.0))
-    monitor.step_times = [2.0, 2.0, 2.0]
-    monitor._maybe_cap_steps(SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000)))
+    budget = train_sft.TimeBudget(65.0, cfg.run.save_reserve_s, FakeClock(now=0.0))
+    budget.step_times = [2.0, 2.0, 2.0]
+    hooks = run_hooks(cfg, plan, budget, tmp_path)
+    hooks.cut_plan_to_budget(SimpleNamespace(train_steps=10, config=SimpleNamespace(max_steps=1000)))
     assert plan.total_steps == 1000  # the schedule spans the whole data; the session just stops at its deadline
 
 
-def test_the_stop_check_works_from_the_first_step(tmp_path):
-    cfg = config.get_config("cpu-tiny")  # 5 s kept back for the final save until a save is timed
-    plan = train_sft.StepPlan(1000, 1e-3, 0.1, 0.1)
+def test_the_stop_check_works_from_the_first_step():
+    reserve = config.get_config("cpu-tiny").run.save_reserve_s  # 5 s kept back for the final save until one is timed
     clock = FakeClock(now=10.0)  # 10 s of the budget went on imports, data and the build
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
-    assert not monitor.should_stop()
-    monitor.mark_step_start(0)
+    budget = train_sft.TimeBudget(100.0, reserve, clock, started=0.0)
+    assert not budget.should_stop()
+    budget.mark_step_start(0)
     clock.now = 70.0  # the first step is still compiling after 60 s: that bounds the next one
-    assert monitor.should_stop()
+    assert budget.should_stop()
 
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=100.0, clock=clock, started=0.0)
+    budget = train_sft.TimeBudget(100.0, reserve, clock, started=0.0)
     clock.now = 10.0
-    monitor.mark_step_start(0)
+    budget.mark_step_start(0)
     clock.now = 30.0
-    monitor.mark_step_start(1)  # the compile-inclusive first step took 20 s
-    assert monitor.first_step_s == 20.0 and monitor.step_seconds() is None
+    budget.mark_step_start(1)  # the compile-inclusive first step took 20 s
+    assert budget.first_step_s == 20.0 and budget.step_seconds() is None
     clock.now = 65.0  # 65 + 1.5 x 20 + 5 = 100: the step and the save just fit
-    assert not monitor.should_stop()
+    assert not budget.should_stop()
     clock.now = 66.0
-    assert monitor.should_stop()
+    assert budget.should_stop()
     clock.now = 30.0
     for step in (2, 3):
         clock.now += 2.0
-        monitor.mark_step_start(step)  # real steps of 2 s replace the bound
-    assert monitor.step_seconds() == 2.0
+        budget.mark_step_start(step)  # real steps of 2 s replace the bound
+    assert budget.step_seconds() == 2.0
     clock.now = 91.0  # 91 + 3 + 5 <= 100
-    assert not monitor.should_stop()
+    assert not budget.should_stop()
     clock.now = 93.0
-    assert monitor.should_stop() and monitor.stopped_for_budget
+    assert budget.should_stop() and budget.stopped_for_budget
 
 
-def test_the_final_save_reserve_is_learned(tmp_path):
-    cfg = config.get_config("cpu-tiny", {"run.save_reserve_s": "30"})
-    plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock())
-    assert monitor.reserve_seconds() == 30.0  # the configured guess until a save is timed
-    monitor.save_times += [3.0, 4.0]
-    assert monitor.reserve_seconds() == 8.0  # twice the slowest save
+def test_the_final_save_reserve_is_learned():
+    budget = train_sft.TimeBudget(None, 30.0, FakeClock())
+    assert budget.reserve_seconds() == 30.0  # the configured guess until a save is timed
+    budget.save_times += [3.0, 4.0]
+    assert budget.reserve_seconds() == 8.0  # twice the slowest save
     # A resumed session starts from the slowest save its checkpoint recorded.
-    resumed = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None, clock=FakeClock(), save_seconds=6.0)
+    resumed = train_sft.TimeBudget(None, 30.0, FakeClock(), save_seconds=6.0)
     assert resumed.reserve_seconds() == 12.0
 
 
@@ -146,12 +149,13 @@ def test_progress_lines_come_at_the_configured_interval(tmp_path, capsys):
     cfg = config.get_config("cpu-tiny", {"run.log_every_s": "10"})
     plan = train_sft.StepPlan(100, 1e-3, 0.1, 0.1)
     clock = FakeClock(now=100.0)
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=700.0, clock=clock, started=40.0)
-    assert monitor.show_progress  # stdout is captured here, not a terminal
+    budget = train_sft.TimeBudget(700.0, cfg.run.save_reserve_s, clock, started=40.0)
+    hooks = run_hooks(cfg, plan, budget, tmp_path)
+    assert hooks.show_progress  # stdout is captured here, not a terminal
     for now, step in ((100.0, 1), (105.0, 2), (112.0, 3)):
         clock.now = now
-        monitor.mark_step_start(step)
-        monitor.report_progress({"step": step, "loss": 2.5, **({"tokens_per_s": 1234.0} if step == 3 else {})})
+        budget.mark_step_start(step)
+        hooks.report_progress({"step": step, "loss": 2.5, **({"tokens_per_s": 1234.0} if step == 3 else {})})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2  # at 100 s and 112 s; not 5 s after the first
     assert lines[0].startswith("progress: step 1 of 100, loss 2.5000, elapsed 0:01:00")
@@ -164,10 +168,9 @@ def test_progress_lines_come_at_the_configured_interval(tmp_path, capsys):
 def test_a_torn_metrics_line_is_skipped_with_a_note(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')  # killed mid-write
-    monitor = train_sft.RunMonitor(config.get_config("cpu-tiny"), train_sft.StepPlan(10, 1e-3, 0.1, 0.1), tmp_path,
-                                   deadline=None, clock=FakeClock())
-    monitor.write({"step": 3, "loss": 1.8})  # the resumed run appends after the torn line
-    monitor.jsonl.close()
+    log = train_sft.MetricsLog(metrics)
+    log.write({"step": 3, "loss": 1.8})  # the resumed run appends after the torn line
+    log.close()
     records = train_sft.read_metrics(metrics)
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 1.8
     note = capsys.readouterr().out.strip()
@@ -183,9 +186,9 @@ def test_the_optimizer_runs_at_the_planned_learning_rate(tiny_model, tmp_path, g
     tx = train_sft.make_optimizer(cfg, plan)
     optimizer = nnx.Optimizer(tiny_model, optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx,
                               wrt=nnx.LoRAParam)  # as PeftTrainer wraps it
-    monitor = train_sft.RunMonitor(cfg, plan, tmp_path, deadline=None)
+    hooks = run_hooks(cfg, plan, train_sft.TimeBudget(None, cfg.run.save_reserve_s), tmp_path)
     for step in (0, 5, 60):
-        monitor.on_train_step_start(SimpleNamespace(train_steps=step, optimizer=optimizer))
+        hooks.on_train_step_start(SimpleNamespace(train_steps=step, optimizer=optimizer))
         lr = train_sft._learning_rate_variable(optimizer).get_value()
         assert lr.dtype == jnp.float32 and float(lr) == pytest.approx(plan.learning_rate(step), rel=1e-6)
 
@@ -349,7 +352,7 @@ def test_a_resumed_session_loads_its_steps_from_the_compile_cache(tiny_data_dir,
     """Two sessions, each its own process as on Kaggle: the second resumes at step 2 and compiles nothing."""
     run_dir = tmp_path / "sessions"
     cfg = tiny_run_config(run_dir, tiny_data_dir, **{"run.max_steps": "4", "run.checkpoint_every_steps": "2",
-                                                     "run.eval_every": "2"})
+                                                     "run.eval_every": "2", "run.compile_cache_dir": ""})
     args = [sys.executable, "train_sft.py", "--preset", "cpu-tiny", "--data", str(tiny_data_dir)]
     args += [f"--{name}={value}" for name, value in _overrides(cfg).items()]
     summaries = []
@@ -369,7 +372,8 @@ def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
             "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps),
-            "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min)}
+            "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min),
+            "run.compile_cache_dir": cfg.run.compile_cache_dir}
 
 
 def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path):
@@ -386,8 +390,8 @@ def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_da
 # ----------------------------------------------------------------------------- 8 simulated devices
 
 
-def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path):
-    out = run_on_8_devices(f"""
+def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path, eight_devices):
+    out = eight_devices(f"""
         import json, jax
         from flax import nnx
         import config, model, train_sft
@@ -476,12 +480,3 @@ def test_gpu_preset_is_the_kaggle_run_on_one_gpu(gpu, tpu, name):
     assert cfg.effective_batch == kaggle.effective_batch == 32
     assert cfg.run.time_budget_min == 0 and cfg.run.max_steps == 2
     assert model.make_mesh(cfg).shape == {"fsdp": 1, "tp": 1}  # one device, as on one GPU
-
-
-def test_gpu_preset_takes_several_gpus_through_mesh_fsdp():
-    four = config.get_config("gpu", {"run.mesh_fsdp": "4"})
-    assert four.run.micro_batch % four.run.mesh_fsdp == 0
-    with pytest.raises(config.ConfigError, match="--run.micro_batch 4 is not divisible .* --run.mesh_fsdp 8"):
-        config.get_config("gpu", {"run.mesh_fsdp": "8"})
-    eight = config.get_config("gpu", {"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.grad_accum": "4"})
-    assert eight.effective_batch == 32
