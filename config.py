@@ -492,14 +492,24 @@ def model_sizes(m: ModelConfig) -> dict[str, int]:
 
 
 def validate(cfg: Config) -> None:
-    """Rejects settings that cannot work, before anything heavy runs."""
+    """Rejects settings that cannot work, before anything heavy runs: one line that names the fix."""
+    _check_finite(cfg)
+    _check_model(cfg.model)
+    _check_mesh_and_processes(cfg.model, cfg.run)
+    _check_attention(cfg.model, cfg.data)
+    _check_data_and_schedule(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
             value = getattr(values, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{section.name}.{f.name} {value} is not a finite number: give a finite value")
-    m, d, r, lo = cfg.model, cfg.data, cfg.run, cfg.lora
+
+
+def _check_model(m: ModelConfig) -> None:
     if m.name not in MODEL_FAMILIES:
         raise ConfigError(f"--model.name {m.name!r} is unknown: use {', '.join(MODEL_FAMILIES)}")
     if m.dtype not in ("float32", "bfloat16"):
@@ -508,8 +518,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
     if m.loss_chunk < 0:
         raise ConfigError(f"--model.loss_chunk {m.loss_chunk} must not be negative: use 0 (full logits) or more")
+
+
+def _check_mesh_and_processes(m: ModelConfig, r: RunConfig) -> None:
     sizes = model_sizes(m)
-    num_heads, num_kv_heads, window = sizes["num_heads"], sizes["num_kv_heads"], sizes["sliding_window"]
+    num_heads, num_kv_heads = sizes["num_heads"], sizes["num_kv_heads"]
     if r.mesh_fsdp < 1 or r.mesh_tp < 1:
         raise ConfigError("--run.mesh_fsdp and --run.mesh_tp must be at least 1")
     if num_kv_heads % r.mesh_tp or num_heads % r.mesh_tp:
@@ -532,6 +545,10 @@ def validate(cfg: Config) -> None:
     if r.micro_batch % r.mesh_fsdp:
         raise ConfigError(f"--run.micro_batch {r.micro_batch} is not divisible by the data-parallel size "
                           f"--run.mesh_fsdp {r.mesh_fsdp}: use a multiple of {r.mesh_fsdp}")
+
+
+def _check_attention(m: ModelConfig, d: DataConfig) -> None:
+    window = model_sizes(m)["sliding_window"]
     if d.max_len < 16:
         raise ConfigError(f"--data.max_len {d.max_len} is too small: use at least 16")
     if m.attention not in ("xla", "splash"):
@@ -550,6 +567,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
                           f"would see keys outside their window; lower max_len, set --data.pack false or use "
                           f"--model.attention splash")
+
+
+def _check_data_and_schedule(cfg: Config) -> None:
+    d, r = cfg.data, cfg.run
     if d.start < 0 or (d.stop and d.stop <= d.start):
         raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
                           "--data.stop must exceed --data.start (0 = to the end)")
@@ -560,8 +581,8 @@ def validate(cfg: Config) -> None:
                           "begin: pass one of them (--data.continue_from '' --data.start N)")
     if cfg.eval.max_new_tokens < 0:
         raise ConfigError("--eval.max_new_tokens must not be negative (0 = derived from the prepared data)")
-    if lo.rank < 1:
-        raise ConfigError(f"--lora.rank {lo.rank} must be at least 1")
+    if cfg.lora.rank < 1:
+        raise ConfigError(f"--lora.rank {cfg.lora.rank} must be at least 1")
     if r.epochs <= 0:
         raise ConfigError(f"--run.epochs {r.epochs} must be positive")
     if r.max_steps < 0 or r.time_budget_min < 0:
