@@ -95,41 +95,9 @@ def length_table(results: list[dict], step_s: dict[str, dict[int, float]]) -> st
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000, help="rows sampled from the fitted distribution")
-    parser.add_argument("--pack-rows", type=int, default=50_000, help="kept rows packed per max_len")
-    parser.add_argument("--prep-rows", type=int, default=1_500, help="length-faithful rows for the throughput")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    for name, flag in STEP_FLAGS.items():
-        parser.add_argument(flag, nargs="*", default=[], metavar="MAX_LEN=SECONDS",
-                            help=f"{name}'s lower bound per optimizer step of 32 windows "
-                                 "(benchmarks/results_tpu_fit.md)")
-    args = parser.parse_args()
-    given = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in STEP_FLAGS.items()}
-    step_s = {name: {int(k): float(v) for k, v in (item.split("=") for item in items)} for name, items in given.items()}
-
-    rows, completions = glaive_lengths.gemma_lengths(args.rows, seed=0)
-    results = [max_len_row(rows, completions, max_len, args.pack_rows) for max_len in MAX_LENS]
-    for r in results:
-        print(r)
-
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        source = glaive_lengths.write_rows(Path(tmp) / "real_lengths.jsonl",
-                                           glaive_lengths.synthetic_rows(args.prep_rows, seed=0))
-        # The tiny tokenizer stands in for Gemma's (not available offline); max_len 2048 as kaggle, so the
-        # tiny model's window is raised only to pass the packing check (no model is built here).
-        overrides = {"data.max_len": "2048", "model.sliding_window": "4096", "data.pack_buffer": "2048"}
-        throughput = bench_data_prep.throughput(source, args.workers, args.runs, Path(tmp), overrides)
-        bytes_per_row = source.stat().st_size / args.prep_rows
-    load_after = os.getloadavg()[0]
-    one_thread = throughput[0]  # CPU-time rate of one tokenizer thread: one idle core, whatever the load here
-    projection = ", ".join(f"{n:,} rows ({n * bytes_per_row / 1e9:.1f} GB of JSONL): "
-                           f"{n / one_thread['rows_per_cpu_s'] / 60:.0f} min" for n in PROJECTED_SOURCE_ROWS)
-    at_2048 = results[0]
-    RESULTS_PATH.write_text(f"""# Real glaiveai lengths: what max_len keeps and costs, and how fast preparation is
+def header_section(args: argparse.Namespace, given: dict[str, list[str]], load_before: float,
+                   load_after: float) -> str:
+    return f"""# Real glaiveai lengths: what max_len keeps and costs, and how fast preparation is
 
 Command: `.venv/bin/python benchmarks/bench_lengths.py --rows {args.rows} --pack-rows {args.pack_rows} \
 --prep-rows {args.prep_rows} --runs {args.runs} --workers {' '.join(map(str, args.workers))}\
@@ -140,7 +108,13 @@ Machine: {os.cpu_count()} CPUs, {bench_data_prep.cpu_model()}, Python {platform.
 above about 1 other jobs used the same CPUs and the throughput is pessimistic). The length table is
 computed, not timed.
 
-## Length distribution and characters per token
+"""
+
+
+def lengths_section(args: argparse.Namespace, rows: np.ndarray, completions: np.ndarray, results: list[dict],
+                    step_s: dict[str, dict[int, float]]) -> str:
+    at_2048 = results[0]
+    return f"""## Length distribution and characters per token
 
 Rows are drawn from `assets/glaive_lengths.py`'s fit of the published response-length percentiles of
 `glaiveai/reasoning-v1-20m` rows 0..280000 (TheIllusionOfLife/tunix, `docs/dataset_size_analysis.md`;
@@ -192,7 +166,14 @@ The same holds for `kaggle-gemma3`, whose cost is lower still: 4 epochs of Gemma
 against {at_2048['hours']['Gemma2-2B-it', 0.35]:.1f} h / {at_2048['hours']['Gemma2-2B-it', 0.5]:.1f} h for
 Gemma2-2B-it, and its XLA attention packs rows past its 512-token window exactly (Tunix's Gemma3 bands by index).
 
-## Preparation throughput at real lengths
+"""
+
+
+def throughput_section(args: argparse.Namespace, throughput: list[dict], bytes_per_row: float) -> str:
+    one_thread = throughput[0]  # CPU-time rate of one tokenizer thread: one idle core, whatever the load here
+    projection = ", ".join(f"{n:,} rows ({n * bytes_per_row / 1e9:.1f} GB of JSONL): "
+                           f"{n / one_thread['rows_per_cpu_s'] / 60:.0f} min" for n in PROJECTED_SOURCE_ROWS)
+    return f"""## Preparation throughput at real lengths
 
 Input: {args.prep_rows:,} length-faithful rows of real character length (`glaive_lengths.synthetic_rows`,
 {bytes_per_row:,.0f} bytes of JSONL a row on average, broken rows mixed in), prepared by `data_prep.prepare`
@@ -209,7 +190,42 @@ download is not included): {projection}. That is a small part of the 9-hour sess
 and the rest of the session holds preparation, samples and export); Kaggle's TPU VM host has many more cores,
 over which `--data.num_workers` spreads each 256-row tokenizer batch (`data_prep.TOKENIZE_BATCH`), so no
 faster path (a process pool) is needed.
-""")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="rows sampled from the fitted distribution")
+    parser.add_argument("--pack-rows", type=int, default=50_000, help="kept rows packed per max_len")
+    parser.add_argument("--prep-rows", type=int, default=1_500, help="length-faithful rows for the throughput")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    for name, flag in STEP_FLAGS.items():
+        parser.add_argument(flag, nargs="*", default=[], metavar="MAX_LEN=SECONDS",
+                            help=f"{name}'s lower bound per optimizer step of 32 windows "
+                                 "(benchmarks/results_tpu_fit.md)")
+    args = parser.parse_args()
+    given = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in STEP_FLAGS.items()}
+    step_s = {name: {int(k): float(v) for k, v in (item.split("=") for item in items)} for name, items in given.items()}
+
+    rows, completions = glaive_lengths.gemma_lengths(args.rows, seed=0)
+    results = [max_len_row(rows, completions, max_len, args.pack_rows) for max_len in MAX_LENS]
+    for r in results:
+        print(r)
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = glaive_lengths.write_rows(Path(tmp) / "real_lengths.jsonl",
+                                           glaive_lengths.synthetic_rows(args.prep_rows, seed=0))
+        # The tiny tokenizer stands in for Gemma's (not available offline); max_len 2048 as kaggle, so the
+        # tiny model's window is raised only to pass the packing check (no model is built here).
+        overrides = {"data.max_len": "2048", "model.sliding_window": "4096", "data.pack_buffer": "2048"}
+        throughput = bench_data_prep.throughput(source, args.workers, args.runs, Path(tmp), overrides)
+        bytes_per_row = source.stat().st_size / args.prep_rows
+    load_after = os.getloadavg()[0]
+    RESULTS_PATH.write_text(header_section(args, given, load_before, load_after)
+                            + lengths_section(args, rows, completions, results, step_s)
+                            + throughput_section(args, throughput, bytes_per_row))
     print(f"wrote {RESULTS_PATH}")
 
 
