@@ -1,13 +1,16 @@
 """Every setting of the pipeline: plain dataclasses, named presets, command-line overrides.
 
-Four presets share one code path and differ only in sizes, devices and where the
+The presets share one code path and differ only in the model, sizes, devices and where the
 weights come from:
 
 - ``kaggle``: Gemma2-2B-it on a TPU v5e-8, 180k kept glaiveai rows (streamed from row 0), 4 epochs, lr 2e-5.
-- ``gpu``: the same run on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
-- ``unrestricted``: continues a ``kaggle`` run's LoRA on 100k kept rows that start where the kaggle
-  preparation stopped reading, lr 5e-6.
-- ``cpu-tiny``: a tiny random Gemma2-architecture model on the shipped sample, on a CPU.
+- ``kaggle-gemma3``: the same run with Gemma3-1B-it, the hackathon's other model (XLA's attention).
+- ``gpu`` / ``gpu-gemma3``: the same runs on one NVIDIA GPU of the 80 GB class (A100, H100, H200), no time budget.
+- ``unrestricted``: continues a ``kaggle`` (or, with ``--init-from runs/kaggle-gemma3``, a ``kaggle-gemma3``)
+  run's LoRA on 100k kept rows that start where that run's preparation stopped reading, lr 5e-6; the model is
+  the one that run trained.
+- ``cpu-tiny`` / ``cpu-tiny-gemma3``: a tiny random Gemma2- / Gemma3-architecture model on the shipped sample,
+  on a CPU.
 
 Any field can be overridden as ``--section.field value`` (or ``--section.field=value``);
 a few common ones have short flags (``--out``, ``--data``, ``--max-steps``, ...).
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,19 @@ SAMPLE_PATH = ASSETS_DIR / "glaiveai_sample.jsonl"
 TINY_TOKENIZER_PATH = ASSETS_DIR / "tiny_tokenizer.model"
 
 LORA_MODULES = ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
-# The sizes of Gemma2-2B that the settings are checked against (tunix ModelConfig.gemma2_2b()).
-GEMMA2_2B_SIZES = {"num_layers": 26, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4, "sliding_window": 4096}
+# Each model's architecture, i.e. Tunix's modelling code (tunix.models.gemma, tunix.models.gemma3): the two models
+# the hackathon allows, and a tiny random model of each architecture (sizes from ModelConfig's fields).
+MODEL_FAMILIES = {"gemma2-2b-it": "gemma2", "gemma3-1b-it": "gemma3", "tiny": "gemma2", "tiny-gemma3": "gemma3"}
+# The real models' sizes that the settings are checked against (Tunix's ModelConfig.gemma2_2b_it() and
+# gemma3_1b_it()); vocab_size is the embedding's rows (Tunix pads Gemma2's 256,000 pieces to 256,128).
+REAL_MODEL_SIZES = {
+    "gemma2-2b-it": {"num_layers": 26, "vocab_size": 256_128, "embed_dim": 2304, "num_heads": 8, "num_kv_heads": 4,
+                     "sliding_window": 4096},
+    "gemma3-1b-it": {"num_layers": 26, "vocab_size": 262_144, "embed_dim": 1152, "num_heads": 4, "num_kv_heads": 1,
+                     "sliding_window": 512},
+}
+# Each architecture's Kaggle Flax weights (the tiny model of an architecture names its folders the same way).
+KAGGLE_HANDLES = {"gemma2": "google/gemma-2/flax/gemma2-2b-it", "gemma3": "google/gemma-3/flax/gemma3-1b-it"}
 EXPORT_FORMATS = ("orbax", "hf")
 
 
@@ -39,11 +55,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which Gemma2 to build and where its weights and tokenizer come from."""
+    """Which Gemma to build and where its weights and tokenizer come from."""
 
-    # "gemma2-2b-it" (Kaggle weights) or "tiny" (random init, sizes below).
+    # "gemma2-2b-it" or "gemma3-1b-it" (Kaggle weights), or "tiny" / "tiny-gemma3" (random init, sizes below).
     name: str = "gemma2-2b-it"
-    kaggle_handle: str = "google/gemma-2/flax/gemma2-2b-it"
+    # Empty means the model's own (KAGGLE_HANDLES).
+    kaggle_handle: str = ""
     # A local copy of the Kaggle Flax download; empty means download with kagglehub.
     checkpoint_dir: str = ""
     # sentencepiece model; empty means the one in the Kaggle download.
@@ -58,11 +75,12 @@ class ModelConfig:
     # At most a quarter of a row is used (model.row_loss_chunk): a larger chunk costs as much as the full logits.
     loss_chunk: int = 512
     # Attention of the training and eval-loss forward passes: "xla" (Tunix's own, [B, heads, T, T] scores in HBM)
-    # or "splash" (JAX's Pallas TPU splash kernel, fused; a TPU kernel, run interpreted on a CPU; model.py).
+    # or "splash" (JAX's Pallas TPU splash kernel, fused; a TPU kernel, run interpreted on a CPU; model.py; Gemma2
+    # only: its swapped attention block is Gemma2's).
     attention: str = "xla"
     # Query and key positions per splash kernel block (a multiple of 128 that divides max_len, or above it).
     attention_block: int = 512
-    # Sizes of the "tiny" model (ignored for gemma2-2b-it).
+    # Sizes of the tiny models (ignored for the real ones).
     num_layers: int = 4
     vocab_size: int = 2048
     embed_dim: int = 128
@@ -72,6 +90,11 @@ class ModelConfig:
     head_dim: int = 32
     sliding_window: int = 512
     init_seed: int = 0
+
+
+def model_family(model_cfg: ModelConfig) -> str:
+    """The model's architecture: "gemma2" or "gemma3" (MODEL_FAMILIES)."""
+    return MODEL_FAMILIES[model_cfg.name]
 
 
 @dataclass
@@ -226,13 +249,25 @@ def _kaggle() -> Config:
     return cfg
 
 
-def _gpu() -> Config:
+def _kaggle_gemma3() -> Config:
+    """kaggle with Gemma3-1B-it: the same data, batch, steps and schedule, with XLA's attention (splash runs
+    Gemma2's attention block); benchmarks/results_tpu_fit.md has what it needs on a v5e chip."""
+    cfg = _kaggle()
+    cfg.preset = "kaggle-gemma3"
+    cfg.model.name = "gemma3-1b-it"
+    cfg.model.attention = "xla"
+    cfg.data.out_dir = "data/kaggle-gemma3"
+    cfg.run.out_dir = "runs/kaggle-gemma3"
+    return cfg
+
+
+def _gpu(base: Callable[[], Config] = _kaggle, preset: str = "gpu") -> Config:
     """kaggle on one 80 GB NVIDIA GPU: micro-batch 4 x 8 accumulation (effective 32) with block remat needs
     about 31 GiB by the estimate in benchmarks/results_real_size.md; no session limit, so no time budget."""
-    cfg = _kaggle()
-    cfg.preset = "gpu"
-    cfg.data.out_dir = "data/gpu"
-    cfg.run.out_dir = "runs/gpu"
+    cfg = base()
+    cfg.preset = preset
+    cfg.data.out_dir = f"data/{preset}"
+    cfg.run.out_dir = f"runs/{preset}"
     cfg.run.mesh_fsdp, cfg.run.mesh_tp = 1, 1
     cfg.run.micro_batch, cfg.run.grad_accum = 4, 8
     cfg.model.remat = "block"  # what the memory estimate assumes; not yet measured on a GPU
@@ -241,7 +276,14 @@ def _gpu() -> Config:
     return cfg
 
 
+def _gpu_gemma3() -> Config:
+    """gpu with Gemma3-1B-it: its step needs less memory than Gemma2-2B's (11.6 against 14.1 GiB per v5e chip at
+    the kaggle shapes, benchmarks/results_tpu_fit.md), so gpu's batch and remat are kept; not measured on a GPU."""
+    return _gpu(_kaggle_gemma3, "gpu-gemma3")
+
+
 def _unrestricted() -> Config:
+    """Continues the run named by --init-from (runs/kaggle by default) with its model (``follow_init_from``)."""
     cfg = _kaggle()
     cfg.preset = "unrestricted"
     cfg.data.num_rows = 100_000
@@ -284,7 +326,22 @@ def _cpu_tiny() -> Config:
     return cfg
 
 
-PRESETS = {"kaggle": _kaggle, "gpu": _gpu, "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny}
+def _cpu_tiny_gemma3() -> Config:
+    """cpu-tiny with Gemma3's architecture: six layers (its five local : one global pattern), one kv head (as
+    Gemma3-1B) and a sliding window shorter than most rows, so that every Gemma3 feature runs at tiny size."""
+    cfg = _cpu_tiny()
+    cfg.preset = "cpu-tiny-gemma3"
+    cfg.model.name = "tiny-gemma3"
+    cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.sliding_window = 6, 1, 32
+    cfg.data.out_dir = "data/cpu-tiny-gemma3"
+    cfg.run.out_dir = "runs/cpu-tiny-gemma3"
+    return cfg
+
+
+PRESETS = {"kaggle": _kaggle, "kaggle-gemma3": _kaggle_gemma3, "gpu": _gpu, "gpu-gemma3": _gpu_gemma3,
+           "unrestricted": _unrestricted, "cpu-tiny": _cpu_tiny, "cpu-tiny-gemma3": _cpu_tiny_gemma3}
+# Presets that continue another run: the model is that run's, and the data starts where that run's stopped.
+FOLLOW_INIT_FROM = ("unrestricted",)
 
 # Short flags for the overrides people use most.
 SHORT_FLAGS = {
@@ -339,8 +396,29 @@ def get_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
     cfg = PRESETS[preset]()
     for name, text in (overrides or {}).items():
         apply_override(cfg, name, text)
+    if preset in FOLLOW_INIT_FROM:
+        follow_init_from(cfg, overrides or {})
     validate(cfg)
     return cfg
+
+
+def follow_init_from(cfg: Config, overrides: dict[str, str]) -> None:
+    """A run that continues another takes that run's model (from its config.json, when it has one) and reads the
+    data after that run's, unless --model.name or --data.continue_from say otherwise: ``--init-from
+    runs/kaggle-gemma3`` alone continues a Gemma3 run (with XLA's attention, as kaggle-gemma3 trains)."""
+    if "data.continue_from" not in overrides and "data.start" not in overrides:
+        cfg.data.continue_from = cfg.run.init_from
+    path = Path(cfg.run.init_from).expanduser() / "config.json"
+    if "model.name" in overrides or not path.is_file():
+        return
+    try:
+        name = json.loads(path.read_text())["model"]["name"]
+    except (ValueError, KeyError, TypeError):
+        return  # check_saved_run names the unreadable config.json
+    if name in REAL_MODEL_SIZES:
+        cfg.model.name = name
+        if model_family(cfg.model) != "gemma2" and "model.attention" not in overrides:
+            cfg.model.attention = "xla"  # splash runs Gemma2's attention block only
 
 
 def parse_overrides(args: list[str], stage: str | None = None) -> dict[str, str]:
@@ -387,7 +465,8 @@ def stage_flags(stage: str) -> argparse.ArgumentParser:
         parser.add_argument("--loss-only", action="store_true", help="only the held-out loss and perplexity")
     if stage == "export":
         parser.add_argument("--format", choices=EXPORT_FORMATS, default="orbax",
-                            help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM")
+                            help="orbax: Kaggle Flax layout for Tunix; hf: Hugging Face Gemma2ForCausalLM "
+                                 "(Gemma3ForCausalLM)")
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--upload", default="", metavar="OWNER/MODEL",
                             help="publish the orbax export to OWNER/MODEL/jax/size, where the "
@@ -406,31 +485,44 @@ def parse_argv(argv: list[str] | None, stage: str, doc: str) -> tuple[Config, ar
 
 
 def model_sizes(m: ModelConfig) -> dict[str, int]:
-    """Layers, width, heads and sliding window of the model that ``m`` builds."""
-    if m.name == "gemma2-2b-it":
-        return GEMMA2_2B_SIZES
-    return {name: getattr(m, name) for name in GEMMA2_2B_SIZES}
+    """Layers, embedding rows, width, heads and sliding window of the model that ``m`` builds."""
+    if m.name in REAL_MODEL_SIZES:
+        return REAL_MODEL_SIZES[m.name]
+    return {name: getattr(m, name) for name in REAL_MODEL_SIZES["gemma2-2b-it"]}
 
 
 def validate(cfg: Config) -> None:
-    """Rejects settings that cannot work, before anything heavy runs."""
+    """Rejects settings that cannot work, before anything heavy runs: one line that names the fix."""
+    _check_finite(cfg)
+    _check_model(cfg.model)
+    _check_mesh_and_processes(cfg.model, cfg.run)
+    _check_attention(cfg.model, cfg.data)
+    _check_data_and_schedule(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
             value = getattr(values, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{section.name}.{f.name} {value} is not a finite number: give a finite value")
-    m, d, r, lo = cfg.model, cfg.data, cfg.run, cfg.lora
-    if m.name not in ("gemma2-2b-it", "tiny"):
-        raise ConfigError(f"--model.name {m.name!r} is unknown: use gemma2-2b-it or tiny")
+
+
+def _check_model(m: ModelConfig) -> None:
+    if m.name not in MODEL_FAMILIES:
+        raise ConfigError(f"--model.name {m.name!r} is unknown: use {', '.join(MODEL_FAMILIES)}")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--model.dtype {m.dtype!r} is unknown: use float32 or bfloat16")
     if m.remat not in ("none", "block", "decoder"):
         raise ConfigError(f"--model.remat {m.remat!r} is unknown: use none, block or decoder")
     if m.loss_chunk < 0:
         raise ConfigError(f"--model.loss_chunk {m.loss_chunk} must not be negative: use 0 (full logits) or more")
+
+
+def _check_mesh_and_processes(m: ModelConfig, r: RunConfig) -> None:
     sizes = model_sizes(m)
-    num_heads, num_kv_heads, window = sizes["num_heads"], sizes["num_kv_heads"], sizes["sliding_window"]
+    num_heads, num_kv_heads = sizes["num_heads"], sizes["num_kv_heads"]
     if r.mesh_fsdp < 1 or r.mesh_tp < 1:
         raise ConfigError("--run.mesh_fsdp and --run.mesh_tp must be at least 1")
     if num_kv_heads % r.mesh_tp or num_heads % r.mesh_tp:
@@ -453,21 +545,32 @@ def validate(cfg: Config) -> None:
     if r.micro_batch % r.mesh_fsdp:
         raise ConfigError(f"--run.micro_batch {r.micro_batch} is not divisible by the data-parallel size "
                           f"--run.mesh_fsdp {r.mesh_fsdp}: use a multiple of {r.mesh_fsdp}")
+
+
+def _check_attention(m: ModelConfig, d: DataConfig) -> None:
+    window = model_sizes(m)["sliding_window"]
     if d.max_len < 16:
         raise ConfigError(f"--data.max_len {d.max_len} is too small: use at least 16")
     if m.attention not in ("xla", "splash"):
         raise ConfigError(f"--model.attention {m.attention!r} is unknown: use xla or splash")
+    if m.attention == "splash" and model_family(m) != "gemma2":
+        raise ConfigError(f"--model.attention splash runs Gemma2's attention block, not {m.name}'s: use "
+                          "--model.attention xla")
     if m.attention == "splash" and (d.max_len % 128 or m.attention_block % 128
                                     or d.max_len % min(m.attention_block, d.max_len)):
         raise ConfigError(f"--model.attention splash needs --data.max_len ({d.max_len}) a multiple of 128 and "
                           f"--model.attention_block ({m.attention_block}) a multiple of 128 that divides it (or "
                           "exceeds it): use e.g. --model.attention_block 512 and --data.max_len 2048")
-    # Tunix's own sliding mask compares key indices of the packed window with positions within the row (splash
-    # applies the window per row).
-    if d.pack and d.max_len > window and m.attention == "xla":
+    # Tunix's own Gemma2 sliding mask compares key indices of the packed window with positions within the row
+    # (splash applies the window per row); Tunix's Gemma3 builds its band from indices alone, exact per row.
+    if d.pack and d.max_len > window and m.attention == "xla" and model_family(m) == "gemma2":
         raise ConfigError(f"--data.max_len {d.max_len} exceeds the sliding window {window}: packed rows "
                           f"would see keys outside their window; lower max_len, set --data.pack false or use "
                           f"--model.attention splash")
+
+
+def _check_data_and_schedule(cfg: Config) -> None:
+    d, r = cfg.data, cfg.run
     if d.start < 0 or (d.stop and d.stop <= d.start):
         raise ConfigError(f"row range {d.start}..{d.stop} is empty: "
                           "--data.stop must exceed --data.start (0 = to the end)")
@@ -478,8 +581,8 @@ def validate(cfg: Config) -> None:
                           "begin: pass one of them (--data.continue_from '' --data.start N)")
     if cfg.eval.max_new_tokens < 0:
         raise ConfigError("--eval.max_new_tokens must not be negative (0 = derived from the prepared data)")
-    if lo.rank < 1:
-        raise ConfigError(f"--lora.rank {lo.rank} must be at least 1")
+    if cfg.lora.rank < 1:
+        raise ConfigError(f"--lora.rank {cfg.lora.rank} must be at least 1")
     if r.epochs <= 0:
         raise ConfigError(f"--run.epochs {r.epochs} must be positive")
     if r.max_steps < 0 or r.time_budget_min < 0:

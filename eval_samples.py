@@ -31,7 +31,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from config import ASSETS_DIR, Config, ConfigError, EvalConfig
+from config import ASSETS_DIR, REAL_MODEL_SIZES, Config, ConfigError, EvalConfig
 from rundir import check_same_tokenizer, checkpoint_step, restore_lora, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
@@ -75,7 +75,7 @@ def eval_prompts(cfg: Config, data_dir: Path) -> list[dict]:
         if not path.is_file():
             raise ConfigError(f"--eval.prompts {path} does not exist: pass a .jsonl or a text file of prompts")
         prompts = load_prompts(path)
-    elif cfg.model.name == "tiny":
+    elif cfg.model.name not in REAL_MODEL_SIZES:
         path = data_dir / "eval_prompts.jsonl"
         prompts = load_prompts(path, default_domain="held-out")
     else:
@@ -282,6 +282,7 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
              compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
     """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
     step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
+    tokenizer = data_prep.load_tokenizer(cfg.model)  # it must fit the model's embedding: checked before the build
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = build_model(cfg, mesh)
@@ -290,7 +291,6 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
         check_same_tokenizer(run_dir, data_dir)
         ecfg = dataclasses.replace(cfg.eval, max_new_tokens=data_prep.resolve_max_new_tokens(cfg, data_dir))
         batches = data_prep.eval_batches(data_dir, cfg.run.micro_batch)
-        tokenizer = data_prep.load_tokenizer(cfg.model)
         prompts = [] if loss_only else eval_prompts(cfg, data_dir)
         records: list[dict] = []
         losses: dict[str, dict] = {}

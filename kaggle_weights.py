@@ -1,18 +1,26 @@
 """Where Gemma's weights and tokenizer come from: a local copy (``--model.checkpoint_dir``) or the kagglehub
-download of ``--model.kaggle_handle``, a Kaggle Flax folder holding ``tokenizer.model`` and an orbax params folder."""
+download of ``--model.kaggle_handle`` (by default the model's own, config.KAGGLE_HANDLES), a Kaggle Flax folder
+holding ``tokenizer.model`` and an orbax params folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from config import ConfigError, ModelConfig
+from config import KAGGLE_HANDLES, ConfigError, ModelConfig, model_family
+
+
+def kaggle_handle(model_cfg: ModelConfig) -> str:
+    """``--model.kaggle_handle``, else the Kaggle Flax handle of the model's architecture."""
+    return model_cfg.kaggle_handle or KAGGLE_HANDLES[model_family(model_cfg)]
 
 
 def checkpoint_folder_names(model_cfg: ModelConfig) -> list[str]:
     """Names the orbax params folder of a Kaggle Flax download may have: the handle's variation (handles read
-    owner/model/framework/variation, as Google's uploads are laid out), or gemma2-2b-it (this project's
-    exports, whatever variation they are uploaded as). Exports are written under the first name."""
-    return list(dict.fromkeys([model_cfg.kaggle_handle.rstrip("/").split("/")[3], "gemma2-2b-it"]))
+    owner/model/framework/variation, as Google's uploads are laid out), or the architecture's own variation
+    (gemma2-2b-it, gemma3-1b-it: this project's exports, whatever variation they are uploaded as). Exports are
+    written under the first name."""
+    own = KAGGLE_HANDLES[model_family(model_cfg)].split("/")[3]
+    return list(dict.fromkeys([kaggle_handle(model_cfg).rstrip("/").split("/")[3], own]))
 
 
 def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
@@ -22,14 +30,14 @@ def kaggle_model_dir(model_cfg: ModelConfig) -> Path:
     else:
         import kagglehub  # only when the weights are not given locally
 
-        model_dir = Path(kagglehub.model_download(model_cfg.kaggle_handle))
+        model_dir = Path(kagglehub.model_download(kaggle_handle(model_cfg)))
     folders = checkpoint_folder_names(model_cfg)
     missing = [name for name in ("tokenizer.model",) if not (model_dir / name).exists()]
     if not any((model_dir / name).is_dir() for name in folders):
         missing.append(" or ".join(f"{name}/" for name in folders))
     if missing:
         raise ConfigError(f"{model_dir} lacks {' and '.join(missing)}: set --model.checkpoint_dir to the "
-                          f"Kaggle Flax download of {model_cfg.kaggle_handle}")
+                          f"Kaggle Flax download of {kaggle_handle(model_cfg)}")
     return model_dir
 
 

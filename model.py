@@ -1,6 +1,7 @@
-"""The model: everything that describes Gemma2 + LoRA, apart from the training loop.
+"""The model: everything that describes Gemma + LoRA, apart from the training loop.
 
-config -> abstract Gemma2 (``nnx.eval_shape``) -> base weights restored straight into their shards
+One code path for Gemma2 and Gemma3 (Tunix's ``tunix.models.gemma`` and ``gemma3``, chosen by ``model.name``):
+config -> abstract Gemma (``nnx.eval_shape``) -> base weights restored straight into their shards
 (the Kaggle Flax checkpoint, converted once to an NNX cache, or random weights for the tiny model)
 -> qwix LoRA -> the forward pass with a packed-row attention mask -> the loss -> generation -> FLOPs
 -> the LoRA merge that export writes (a run's LoRA weights are restored by ``rundir.restore_lora``).
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import qwix
 import sentencepiece as spm
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from tqdm import tqdm
@@ -37,15 +39,20 @@ from tunix.generate.sampler import CacheConfig, Sampler
 from tunix.generate.utils import next_power_of_2
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params as gemma_params
+from tunix.models.gemma3 import model as gemma3_lib
+from tunix.models.gemma3 import params as gemma3_params
 
 import tunix_adapter
 from chat_format import END_OF_TURN, build_prompt, tokens_after_answer
 from config import (
+    LORA_MODULES,
+    REAL_MODEL_SIZES,
     Config,
     ConfigError,
     EvalConfig,
     ModelConfig,
     RunConfig,
+    model_family,
 )
 from kaggle_weights import kaggle_checkpoint_dir
 
@@ -145,10 +152,24 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh:
     return jax.make_mesh((fsdp, tp), ("fsdp", "tp"), axis_types=(auto, auto))
 
 
-def gemma_config(model_cfg: ModelConfig) -> gemma_lib.ModelConfig:
-    """Tunix's ModelConfig for the named model; "tiny" is the same architecture, smaller."""
+# Tunix's modelling code and model class of each architecture (config.MODEL_FAMILIES).
+MODEL_LIBS = {"gemma2": gemma_lib, "gemma3": gemma3_lib}
+MODEL_CLASSES = {"gemma2": gemma_lib.Gemma, "gemma3": gemma3_lib.Gemma3}
+
+
+def gemma_config(model_cfg: ModelConfig) -> gemma_lib.ModelConfig | gemma3_lib.ModelConfig:
+    """Tunix's ModelConfig for the named model; a tiny model is the same architecture, smaller."""
+    family = model_family(model_cfg)
     if model_cfg.name == "gemma2-2b-it":
         mc = gemma_lib.ModelConfig.gemma2_2b_it()
+    elif model_cfg.name == "gemma3-1b-it":
+        mc = gemma3_lib.ModelConfig.gemma3_1b_it()
+    elif family == "gemma3":  # Gemma3's attention pattern (5 local : 1 global) and RoPE bases are fixed by Tunix
+        mc = gemma3_lib.ModelConfig(
+            num_layers=model_cfg.num_layers, num_embed=model_cfg.vocab_size, embed_dim=model_cfg.embed_dim,
+            hidden_dim=model_cfg.hidden_dim, num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
+            num_kv_heads=model_cfg.num_kv_heads, sliding_window_size=model_cfg.sliding_window,
+            local_base_frequency=10_000, global_base_frequency=1_000_000)
     else:
         mc = gemma_lib.ModelConfig(
             num_layers=model_cfg.num_layers, num_embed=model_cfg.vocab_size, embed_dim=model_cfg.embed_dim,
@@ -158,13 +179,25 @@ def gemma_config(model_cfg: ModelConfig) -> gemma_lib.ModelConfig:
             attention_types=[gemma_lib.AttentionType.LOCAL_SLIDING, gemma_lib.AttentionType.GLOBAL]
             * (model_cfg.num_layers // 2) + [gemma_lib.AttentionType.LOCAL_SLIDING] * (model_cfg.num_layers % 2),
             attn_logits_soft_cap=50.0, sliding_window_size=model_cfg.sliding_window)
-    mc.remat_config = gemma_lib.RematConfig[model_cfg.remat.upper()]
+    if family == "gemma3":
+        mc.param_dtype = jnp.dtype(model_cfg.dtype)
+    mc.remat_config = MODEL_LIBS[family].RematConfig[model_cfg.remat.upper()]
     return mc
 
 
-def abstract_model(model_cfg: ModelConfig) -> gemma_lib.Gemma:
+def new_model(model_cfg: ModelConfig) -> nnx.Module:
+    """The model with Tunix's own (partly zero) init: call it under ``nnx.eval_shape``."""
+    return MODEL_CLASSES[model_family(model_cfg)](gemma_config(model_cfg), rngs=nnx.Rngs(params=0))
+
+
+def abstract_model(model_cfg: ModelConfig) -> nnx.Module:
     """The model's structure, shapes and sharding annotations, without allocating any weight."""
-    return nnx.eval_shape(lambda: gemma_lib.Gemma(gemma_config(model_cfg), rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: new_model(model_cfg))
+
+
+def final_softcap(model: nnx.Module) -> float | None:
+    """The soft-cap of the final logits: Gemma2's 30; Tunix's Gemma3 has none (and no such attribute)."""
+    return getattr(model, "final_logits_softcap", None)
 
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
@@ -198,26 +231,42 @@ def init_std(name: str, shape: tuple[int, ...], embed_dim: int) -> float:
     return embed_dim ** -0.5  # reads the residual stream (the embedding also projects to logits)
 
 
+def _kaggle_params(model_cfg: ModelConfig, source: Path) -> dict[tuple[str | int, ...], Any]:
+    """Kaggle's linen-layout params -> NNX paths and arrays, by Tunix's own mapping for the architecture."""
+    if model_family(model_cfg) == "gemma3":
+        with ocp.StandardCheckpointer() as ckptr:
+            params = gemma3_params.map_from_upstream_checkpoint(ckptr.restore(source.resolve()))
+        return traverse_util.flatten_dict(params)
+    try:
+        model = gemma_lib.module_from_linen_variables(
+            module_factory=lambda: new_model(model_cfg),
+            variables=gemma_params.load_and_format_params(str(source))["transformer"],
+            map_key_fn=tunix_adapter.map_linen_var_names,  # from_params knows only the published sizes
+            assign_val_fn=tunix_adapter.assign_linen_params_to_nnx_state)
+    except ValueError as err:  # a tensor the model does not have
+        raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} "
+                          f"({str(err).splitlines()[0]}): use the checkpoint of that model") from None
+    return {path: v.get_value() for path, v in nnx.state(model).flat_state()}
+
+
 def _convert_kaggle_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> nnx.State:
-    """Kaggle's linen-layout params -> the NNX state of our model, checking every shape (Tunix checks none)."""
+    """Kaggle's linen-layout params -> the NNX state of our model, checking every name and shape (Tunix checks
+    none)."""
     source = kaggle_checkpoint_dir(model_cfg)
     with jax.default_device(jax.devices("cpu")[0]):
-        params = gemma_params.load_and_format_params(str(source))
-        try:
-            model = gemma_lib.module_from_linen_variables(
-                module_factory=lambda: gemma_lib.Gemma(gemma_config(model_cfg), rngs=nnx.Rngs(params=0)),
-                variables=params["transformer"],
-                map_key_fn=tunix_adapter.map_linen_var_names,  # from_params knows only the published sizes
-                assign_val_fn=tunix_adapter.assign_linen_params_to_nnx_state)
-        except ValueError as err:  # a tensor the model does not have
-            raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} "
-                              f"({str(err).splitlines()[0]}): use the checkpoint of that model") from None
-    state, expected = nnx.state(model), nnx.state(abstract)
-    for (path, got), (_, want) in zip(state.flat_state(), expected.flat_state(), strict=True):
-        if tuple(got.shape) != tuple(want.shape):
+        params = _kaggle_params(model_cfg, source)
+    expected = dict(nnx.state(abstract).flat_state())
+    if (extra := set(params) - set(expected)) or (missing := set(expected) - set(params)):
+        path = "/".join(map(str, min(extra or missing, key=str)))
+        raise ConfigError(f"checkpoint {source} does not fit --model.name {model_cfg.name} (it "
+                          f"{'has' if extra else 'lacks'} {path}): use the checkpoint of that model")
+    for path, want in expected.items():
+        if tuple(params[path].shape) != tuple(want.shape):
             raise ConfigError(f"checkpoint {source} has {'/'.join(map(str, path))} of "
-                              f"shape {tuple(got.shape)} but --model.name {model_cfg.name} expects "
+                              f"shape {tuple(params[path].shape)} but --model.name {model_cfg.name} expects "
                               f"{tuple(want.shape)}: use the checkpoint of that model")
+    state = nnx.state(abstract)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(params))
     return state
 
 
@@ -237,13 +286,13 @@ def _cached_nnx_checkpoint(model_cfg: ModelConfig, abstract: nnx.Module) -> Path
 
 
 def load_base_model(cfg: Config, mesh: jax.sharding.Mesh) -> gemma_lib.Gemma:
-    """Gemma2 with its base weights, each placed straight into its shard on the mesh."""
+    """Gemma with its base weights, each placed straight into its shard on the mesh."""
     dtype = jnp.dtype(cfg.model.dtype)
     abstract = abstract_model(cfg.model)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = nnx.get_named_sharding(abstract_state, mesh)
     cached = None
-    if cfg.model.name == "tiny" and not cfg.model.checkpoint_dir:
+    if cfg.model.name not in REAL_MODEL_SIZES and not cfg.model.checkpoint_dir:
         state = random_tiny_state(abstract_state, cfg.model.init_seed, cfg.model.embed_dim)
     elif (cached := _cached_nnx_checkpoint(cfg.model, abstract)) is None:
         state = _convert_kaggle_checkpoint(cfg.model, abstract)
@@ -272,7 +321,21 @@ def apply_lora(base: nnx.Module, cfg: Config, mesh: jax.sharding.Mesh | None) ->
     return model
 
 
+def lora_targets(model: nnx.Module, module_path: str) -> list[str]:
+    """The projections (modules with an Einsum ``w`` or a Linear ``kernel``) whose path, such as
+    ``layers/0/attn/q_einsum``, the LoRA regex full-matches, as qwix matches it."""
+    paths = ("/".join(map(str, path)) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+             and any(isinstance(getattr(node, name, None), nnx.Param) for name in ("w", "kernel")))
+    return [path for path in paths if re.fullmatch(module_path, path)]
+
+
 def build_model(cfg: Config, mesh: jax.sharding.Mesh, with_lora: bool = True) -> nnx.Module:
+    """The base model, with LoRA on the projections ``lora.module_path`` names (a regex matching none stops
+    before any weight is loaded)."""
+    if with_lora and not lora_targets(abstract_model(cfg.model), cfg.lora.module_path):
+        raise ConfigError(f"--lora.module_path {cfg.lora.module_path!r} matches no projection of "
+                          f"{cfg.model.name} (paths such as layers/0/attn/q_einsum, layers/0/mlp/gate_proj): "
+                          f"fix the regex (the default is {LORA_MODULES!r})")
     base = load_base_model(cfg, mesh)
     return apply_lora(base, cfg, mesh) if with_lora else base
 
@@ -426,7 +489,8 @@ def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, we
 
     Each row's weighted positions are moved to its front first, so chunks past the row with the most loss
     tokens hold none and are skipped (a ``cond``, both ways). Rows stay rows: a batch sharded over devices
-    stays sharded. The LM head and the final soft-cap are Gemma's own (``embedder.decode``, tanh(x/c)*c).
+    stays sharded. The LM head and the final soft-cap (Gemma2's; Gemma3 has none) are Gemma's own
+    (``embedder.decode``, tanh(x/c)*c).
     """
     batch, length, dim = hidden.shape
     order = jnp.argsort(weights == 0, axis=1, stable=True)
@@ -440,7 +504,7 @@ def chunked_nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, we
     hidden = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
     targets = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
     weights = weights.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-    softcap = model.final_logits_softcap
+    softcap = final_softcap(model)
 
     def weighted_nll(h: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
         logits = model.embedder.decode(h)

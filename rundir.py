@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from config import Config, ConfigError, DataConfig, model_sizes, parse_argv
+from config import REAL_MODEL_SIZES, Config, ConfigError, DataConfig, model_sizes, parse_argv
 
 # Where a run keeps its orbax checkpoints, one folder per step (checkpoint_dir): the one name of the layout.
 CHECKPOINT_SUBDIR = "actor"
@@ -301,7 +301,7 @@ def saved_lora_shape(run_dir: str | Path, step: int | None = None) -> tuple[Path
 def _run_identity(c: dict[str, Any]) -> dict[str, Any]:
     """What a run's LoRA weights fit, from its config as a dict: the model (its name, or the tiny model's sizes)
     and the LoRA's rank and target modules."""
-    model_keys = ("name",) if c["model"]["name"] != "tiny" else TINY_SIZE_FIELDS
+    model_keys = ("name",) if c["model"]["name"] in REAL_MODEL_SIZES else TINY_SIZE_FIELDS
     return {**{f"model.{k}": c["model"][k] for k in model_keys},
             **{f"lora.{k}": c["lora"][k] for k in ("rank", "module_path")}}
 

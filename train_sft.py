@@ -1,7 +1,8 @@
-"""Stage 2: LoRA SFT of Gemma2 with Tunix's PeftTrainer.
+"""Stage 2: LoRA SFT of Gemma2 (or Gemma3) with Tunix's PeftTrainer.
 
     python train_sft.py --preset cpu-tiny            # tiny random Gemma2 on the shipped sample, CPU
     python train_sft.py --preset kaggle              # Gemma2-2B-it on a TPU v5e-8
+    python train_sft.py --preset kaggle-gemma3       # Gemma3-1B-it on a TPU v5e-8
     python train_sft.py --preset unrestricted        # continue a kaggle run on fresh rows
 
 Top to bottom: the model with LoRA (from ``model.py``) -> optimizer and a dynamic step count
@@ -648,6 +649,7 @@ def prepare_run(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path
         raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
                           f"{jax.process_count()} processes by its own clock, at different steps: pass "
                           "--time-budget-min 0 (and --max-steps N to end earlier)")
+    data_prep.load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
     if first:
         data_dir = data_dir or data_prep.prepare(cfg)
         resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)

@@ -1,20 +1,24 @@
-"""The ``kaggle`` preset's own code path at Gemma2-2B-it's real shapes, end to end on the CPU, with random weights.
+"""The ``kaggle`` preset's own code path at Gemma2-2B-it's real shapes (or ``kaggle-gemma3``'s at Gemma3-1B-it's),
+end to end on the CPU, with random weights.
 
 Writes a random bf16 Gemma2-2B-it checkpoint in the Kaggle Flax layout (every real key and shape, the MLP's
-gate and up projections stacked as ``gating_einsum`` (2, 2304, 9216)) plus the tiny tokenizer (its ids are
-a subset of Gemma's) padded to Gemma's 256,000 pieces as a fake download, then runs the real command-line
-stages on it with the ``kaggle`` preset and only the overrides its size on this machine demands: data
+gate and up projections stacked as ``gating_einsum`` (2, 2304, 9216); Gemma3-1B-it's as (2, 6912, 1152)) plus
+the tiny tokenizer (its ids are a subset of Gemma's) padded to Gemma's 256,000 pieces (Gemma3's 262,144) as a
+fake download, then runs the real command-line
+stages on it with the preset and only the overrides its size on this machine demands: data
 preparation from the shipped sample, the conversion to the NNX cache, training with a checkpoint, a SIGKILL
 and a resume, ``eval_samples.py --loss-only`` and a few generated tokens, and both exports. It then loads
 the orbax export's merged weights exactly as the judges do (``params.load_and_format_params`` +
-``Gemma.from_params(params, version="2-2b-it")``) and the HF export with transformers' ``Gemma2ForCausalLM``,
-runs the submission template's evaluation cells (``tests/judges_procedure.py``): the single-session restore of
-``CKPT_DIR/actor/<step>/model_params`` into ``lora_policy`` with its Sampler and a stand-in judge, and the
-unrestricted restore from the export's folder with and without ``actor/<step>/model_params``, compares every
-logits with the LoRA model's, and checks the HF config.json against the published gemma-2-2b-it values.
+``Gemma.from_params(params, version="2-2b-it")``; Gemma3: ``gemma3.params.create_model_from_checkpoint``) and the
+HF export with transformers' ``Gemma2ForCausalLM`` (``Gemma3ForCausalLM``), runs the submission template's
+evaluation cells (``tests/judges_procedure.py``): the single-session restore of ``CKPT_DIR/actor/<step>/model_params``
+into ``lora_policy`` with its Sampler and a stand-in judge, and the unrestricted restore from the export's folder with
+and without ``actor/<step>/model_params``, compares every logits with the LoRA model's, and checks the HF
+config.json against the published gemma-2-2b-it (gemma-3-1b-it) values.
 
     python benchmarks/real_shape_cpu.py --layers 2              # every real width, 2 layers: every stage
     python benchmarks/real_shape_cpu.py --layers 26 --base-only # Gemma2-2B-it itself: what needs no training
+    python benchmarks/real_shape_cpu.py --preset kaggle-gemma3 --layers 26   # Gemma3-1B-it: every stage
 
 Each stage is one subprocess whose wall time and peak RSS (wait4) are measured; the table is printed and
 appended to benchmarks/results_real_shape_cpu.md. A re-run with the same ``--work`` continues after the
@@ -59,7 +63,7 @@ PROBE_TOKENS = [2, 106, 1645, 108, 30, 40, 50, 107]
 # difference is under a quarter of the trained LoRA's own effect on the logits.
 BF16_TOLERANCE = 0.02
 # The published gemma-2-2b-it config.json (huggingface.co/google/gemma-2-2b-it) values the HF export must carry.
-PUBLISHED_HF_CONFIG = {
+PUBLISHED_GEMMA2_CONFIG = {
     "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
     "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000, "attn_logit_softcapping": 50.0,
     "final_logit_softcapping": 30.0, "sliding_window": 4096, "query_pre_attn_scalar": 256,
@@ -67,16 +71,34 @@ PUBLISHED_HF_CONFIG = {
     "max_position_embeddings": 8192, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
     "model_type": "gemma2", "tie_word_embeddings": True,
 }
+# The published gemma-3-1b-it config.json (huggingface.co/google/gemma-3-1b-it) values the HF export must carry.
+PUBLISHED_GEMMA3_CONFIG = {
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "sliding_window": 512, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "rope_theta": 1_000_000,
+    "rope_local_base_freq": 10000, "rope_scaling": None, "max_position_embeddings": 32768, "bos_token_id": 2,
+    "pad_token_id": 0, "model_type": "gemma3_text", "tie_word_embeddings": True,
+}
+# Per preset: the real model, its widths (the tiny model of its architecture keeps them at fewer layers), the
+# published HF config and the transformers class.
+MODELS = {
+    "kaggle": ("gemma2-2b-it", "tiny", {"vocab_size": 256128, "embed_dim": 2304, "hidden_dim": 9216, "num_heads": 8,
+                                        "num_kv_heads": 4, "head_dim": 256, "sliding_window": 4096},
+               PUBLISHED_GEMMA2_CONFIG, "Gemma2ForCausalLM"),
+    "kaggle-gemma3": ("gemma3-1b-it", "tiny-gemma3", {"vocab_size": 262144, "embed_dim": 1152, "hidden_dim": 6912,
+                                                      "num_heads": 4, "num_kv_heads": 1, "head_dim": 256,
+                                                      "sliding_window": 512},
+                      PUBLISHED_GEMMA3_CONFIG, "Gemma3ForCausalLM"),
+}
 
 
-def overrides(work: Path, layers: int) -> list[str]:
-    """The kaggle preset plus what size on one CPU demands; fewer layers keep every real width."""
-    real = layers == 26
-    model = [] if real else [
-        "--model.name", "tiny", "--model.num_layers", str(layers), "--model.vocab_size", "256128",
-        "--model.embed_dim", "2304", "--model.hidden_dim", "9216", "--model.num_heads", "8",
-        "--model.num_kv_heads", "4", "--model.head_dim", "256", "--model.sliding_window", "4096"]
-    return ["--preset", "kaggle", *model,
+def overrides(work: Path, layers: int, preset: str = "kaggle") -> list[str]:
+    """The preset plus what size on one CPU demands; fewer layers keep every real width."""
+    _, tiny, widths, _, _ = MODELS[preset]
+    model = [] if layers == 26 else ["--model.name", tiny, "--model.num_layers", str(layers), *[
+        text for name, value in widths.items() for text in (f"--model.{name}", str(value))]]
+    return ["--preset", preset, *model,
             "--model.checkpoint_dir", str(work / "download"), "--model.cache_dir", str(work / "cache"),
             "--data.source", str(config.SAMPLE_PATH), "--data.start", "0", "--data.stop", "0",
             "--data.max_len", "256", "--data.eval_rows", "8", "--data.pack_buffer", "64",
@@ -88,8 +110,8 @@ def overrides(work: Path, layers: int) -> list[str]:
 
 
 def cfg_of(args: argparse.Namespace) -> config.Config:
-    flags = overrides(Path(args.work), args.layers)
-    return config.get_config("kaggle", config.parse_overrides(flags[2:]))
+    flags = overrides(Path(args.work), args.layers, args.preset)
+    return config.get_config(args.preset, config.parse_overrides(flags[2:]))
 
 
 # ----------------------------------------------------------------------------- stages run in this script
@@ -107,27 +129,29 @@ def write_checkpoint(args: argparse.Namespace) -> str:
     download = Path(args.work) / "download"
     download.mkdir(parents=True, exist_ok=True)
     _, abstract_state = nnx.split(model.abstract_model(cfg.model))
-    state = model.random_tiny_state(abstract_state, seed=0, embed_dim=2304, dtype=ml_dtypes.bfloat16)
+    state = model.random_tiny_state(abstract_state, seed=0, embed_dim=config.model_sizes(cfg.model)["embed_dim"],
+                                    dtype=ml_dtypes.bfloat16)
     params = {path: v.get_value() for path, v in state.flat_state()}
     folder = download / kaggle_weights.checkpoint_folder_names(cfg.model)[0]
-    export.save_kaggle_checkpoint(params, folder)
-    write_gemma_sized_tokenizer(download / "tokenizer.model")
+    export.save_kaggle_checkpoint(params, folder, config.model_family(cfg.model))
+    pieces = export.HF_VOCAB_SIZES[type(model.gemma_config(cfg.model))]
+    write_gemma_sized_tokenizer(download / "tokenizer.model", pieces)
     gating = params[("layers", 0, "mlp", "gate_proj", "kernel")].shape
+    if config.model_family(cfg.model) == "gemma3":
+        gating = gating[::-1]
     return f"{len(params)} tensors, gating_einsum (2, {gating[0]}, {gating[1]}), {du(download)}"
 
 
-def write_gemma_sized_tokenizer(out_path: Path) -> None:
-    """The tiny tokenizer padded with never-produced (UNUSED) pieces to Gemma's 256,000, so that, as with Gemma's
-    own, only the embedding's last 128 rows are undecodable (model.undecodable_ids); it encodes text as the tiny
-    one does."""
+def write_gemma_sized_tokenizer(out_path: Path, pieces: int) -> None:
+    """The tiny tokenizer padded with never-produced (UNUSED) pieces to Gemma's (Gemma2's 256,000), so that, as with
+    Gemma's own, only the embedding's padding rows are undecodable (model.undecodable_ids); it encodes text as the
+    tiny one does."""
     from sentencepiece import sentencepiece_model_pb2
-
-    from export import HF_VOCAB_SIZE  # Gemma's tokenizer pieces
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(config.TINY_TOKENIZER_PATH.read_bytes())
     unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED  # never produced by encoding
-    for index in range(len(proto.pieces), HF_VOCAB_SIZE):
+    for index in range(len(proto.pieces), pieces):
         proto.pieces.add(piece=f"<padding{index}>", score=0.0, type=unused)
     out_path.write_bytes(proto.SerializeToString())
 
@@ -204,16 +228,25 @@ def compare(name: str, logits: np.ndarray, work: Path, reference: str = "lora") 
 
 def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
     """A Kaggle-layout checkpoint loaded as the judges load it: ``load_and_format_params`` +
-    ``Gemma.from_params(params, version="2-2b-it")``; with fewer layers the same call with the config's layer
-    count cut."""
+    ``Gemma.from_params(params, version="2-2b-it")``, with fewer layers the same call with the config's layer
+    count cut; Gemma3: ``create_model_from_checkpoint`` with ``gemma3_1b_it()`` (or its layer count cut)."""
     import dataclasses
 
+    import jax.numpy as jnp
     from tunix.models.gemma import model as gemma_lib
     from tunix.models.gemma import params as gemma_params
+    from tunix.models.gemma3 import model as gemma3_lib
+    from tunix.models.gemma3 import params as gemma3_params
 
     import model
     import tunix_adapter
 
+    ours = model.gemma_config(cfg_of(args).model)
+    if args.preset == "kaggle-gemma3":
+        published = dataclasses.replace(gemma3_lib.ModelConfig.gemma3_1b_it(), num_layers=args.layers)
+        same = dataclasses.replace(ours, remat_config=published.remat_config, param_dtype=published.param_dtype)
+        assert same == published, f"the {args.layers}-layer model differs from gemma3-1b-it beyond its layer count"
+        return gemma3_params.create_model_from_checkpoint(str(checkpoint), published, dtype=jnp.bfloat16)
     params = gemma_params.load_and_format_params(str(checkpoint))
     if args.layers == 26:
         return gemma_lib.Gemma.from_params(params, version="2-2b-it")
@@ -221,7 +254,6 @@ def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
     published = gemma_lib.ModelConfig.gemma2_2b_it()
     cut = dataclasses.replace(published, num_layers=args.layers,
                               attention_types=published.attention_types[:args.layers])
-    ours = model.gemma_config(cfg_of(args).model)
     same = dataclasses.replace(ours, remat_config=cut.remat_config, attention_types=tuple(ours.attention_types))
     assert same == cut, f"the {args.layers}-layer model differs from gemma2-2b-it beyond its layer count"
     return gemma_lib.module_from_linen_variables(
@@ -232,15 +264,14 @@ def judges_gemma(args: argparse.Namespace, checkpoint: Path) -> object:
 def load_download(args: argparse.Namespace) -> str:
     """The judges' loader on the written download: it must read the layout as our conversion does."""
     folder = Path(args.work) / "download" / kaggle_weights.checkpoint_folder_names(cfg_of(args).model)[0]
-    return compare("download via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
-                   Path(args.work), reference="converted")
+    return compare("download via the judges' loader", logits_of(judges_gemma(args, folder)), Path(args.work),
+                   reference="converted")
 
 
 def load_orbax(args: argparse.Namespace) -> str:
     """The orbax export loaded exactly as the judges load it."""
     folder = Path(args.work) / "export-orbax" / kaggle_weights.checkpoint_folder_names(cfg_of(args).model)[0]
-    return compare("orbax export via load_and_format_params + from_params", logits_of(judges_gemma(args, folder)),
-                   Path(args.work))
+    return compare("orbax export via the judges' loader", logits_of(judges_gemma(args, folder)), Path(args.work))
 
 
 def judges_kernel(args: argparse.Namespace) -> dict:
@@ -297,20 +328,22 @@ def judges_unrestricted(args: argparse.Namespace) -> str:
 
 
 def load_hf(args: argparse.Namespace) -> str:
-    """transformers' Gemma2ForCausalLM on the HF export (bf16, eager attention), and its config.json."""
+    """transformers' Gemma2ForCausalLM (Gemma3ForCausalLM) on the HF export (bf16, eager attention), and its
+    config.json."""
     import torch
     import transformers
 
     out = Path(args.work) / "export-hf"
     written = json.loads((out / "config.json").read_text())
-    want = {**PUBLISHED_HF_CONFIG, "num_hidden_layers": args.layers}
+    name, _, _, published, architecture = MODELS[args.preset]
+    want = {**published, "num_hidden_layers": args.layers}
     wrong = {k: (written.get(k), v) for k, v in want.items() if written.get(k) != v}
     if wrong:
-        raise AssertionError(f"config.json differs from the published gemma-2-2b-it (written, published): {wrong}")
-    hf = transformers.Gemma2ForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.bfloat16)
+        raise AssertionError(f"config.json differs from the published {name} (written, published): {wrong}")
+    hf = getattr(transformers, architecture).from_pretrained(out, attn_implementation="eager", dtype=torch.bfloat16)
     with torch.no_grad():
         logits = hf(torch.as_tensor([PROBE_TOKENS])).logits[0].float().numpy()
-    return "config.json = published values; " + compare("HF export in Gemma2ForCausalLM", logits, Path(args.work))
+    return "config.json = published values; " + compare(f"HF export in {architecture}", logits, Path(args.work))
 
 
 STAGES = {"write-checkpoint": write_checkpoint, "convert": convert, "load-download": load_download,
@@ -358,8 +391,9 @@ def drive(args: argparse.Namespace) -> tuple[list[dict], int]:
     """Runs the stages not yet passed in args.work; returns their rows and how many stages there are."""
     work = Path(args.work)
     py = [sys.executable]
-    me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--stage"]
-    flags = overrides(work, args.layers)
+    me = [*py, str(Path(__file__).resolve()), "--work", str(work), "--layers", str(args.layers), "--preset",
+          args.preset, "--stage"]
+    flags = overrides(work, args.layers, args.preset)
     run = work / "run"
     ckpt = rundir.checkpoint_dir(run)
     train = [*py, "train_sft.py", *flags, "--out", str(run), "--data", str(work / "data"), "--max-steps", "3"]
@@ -421,7 +455,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=26, help="26 = Gemma2-2B-it; fewer keep every real width")
+    parser.add_argument("--preset", choices=MODELS, default="kaggle", help="kaggle (Gemma2-2B-it) or kaggle-gemma3")
+    parser.add_argument("--layers", type=int, default=26, help="26 = the real model; fewer keep every real width")
     parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
     parser.add_argument("--keep-going", action="store_true", help="run the later stages after a failure")
     parser.add_argument("--base-only", action="store_true",
@@ -444,10 +479,10 @@ def main() -> None:
     print("\n" + text)
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     passed = all(r["ok"] for r in rows) and len(rows) == stage_count
-    header = (f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(began))}: {args.layers} layers, "
+    header = (f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(began))}: {args.preset}, {args.layers} layers, "
               f"{'all stages pass' if passed else 'NOT all stages pass'}"
               f", {(time.time() - began) / 60:.0f} min\n\n"
-              f"Command: `python benchmarks/real_shape_cpu.py --layers {args.layers}"
+              f"Command: `python benchmarks/real_shape_cpu.py --preset {args.preset} --layers {args.layers}"
               f"{' --base-only' if args.base_only else ''}`\n"
               f"Machine: {platform.machine()}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, load average "
               f"{os.getloadavg()[0]:.1f} at the end (shared), Python {platform.python_version()}\n\n")

@@ -45,6 +45,7 @@ from jax._src.lib import _jax  # noqa: E402
 from jaxlib import _hlo  # noqa: E402
 from tunix.models.gemma import model as gemma_lib  # noqa: E402
 from tunix.sft import sharding_utils  # noqa: E402
+from tunix.utils import sharding_utils as model_sharding_utils  # noqa: E402  (Gemma3's shard())
 
 import data_prep  # noqa: E402
 import model  # noqa: E402
@@ -91,21 +92,23 @@ def topology_devices(topology: str) -> list[Any]:
 
 @contextlib.contextmanager
 def sharding_constraints_kept() -> Iterator[None]:
-    """Tunix's Gemma ``shard()`` skips its constraints when ``jax.devices()`` is a CPU, as it always is in a
-    process without a TPU: keep them, as on the TPU, while tracing here."""
-    original = gemma_lib.shard
+    """Tunix's Gemma2 and Gemma3 ``shard()`` skip their constraints when ``jax.devices()`` is a CPU, as it always is
+    in a process without a TPU: keep them, as on the TPU, while tracing here."""
+    originals = [(gemma_lib, gemma_lib.shard), (model_sharding_utils, model_sharding_utils.shard)]
 
-    def shard(x: jax.Array, s: tuple[str, ...]) -> jax.Array:
+    def shard(x: jax.Array, s: tuple[str, ...], eager: bool = False) -> jax.Array:
         mesh = tunix_adapter.legacy_mesh()
         if mesh.empty:
             return x
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s)))
 
-    gemma_lib.shard = shard
+    for module, _ in originals:
+        module.shard = shard
     try:
         yield
     finally:
-        gemma_lib.shard = original
+        for module, original in originals:
+            module.shard = original
 
 
 def make_abstract(module: nnx.Module, mesh: jax.sharding.Mesh) -> None:

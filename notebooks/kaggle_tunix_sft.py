@@ -82,7 +82,8 @@
 # %% [markdown]
 # ## Your Tunix finetuning code
 #
-# Instruction-tuned Gemma2 2B (`google/gemma-2/flax/gemma2-2b-it`).
+# Instruction-tuned Gemma2 2B (`google/gemma-2/flax/gemma2-2b-it`); `PRESET = "kaggle-gemma3"` below picks
+# instruction-tuned Gemma3 1B (`google/gemma-3/flax/gemma3-1b-it`) instead.
 #
 # **Install.** Pinned versions; on Kaggle the notebook fetches the repository and installs `jax[tpu]` of the
 # same version as the CPU `jax` the pipeline was developed with. Outside Kaggle this cell only puts the
@@ -124,10 +125,12 @@ import train_sft
 print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; repository {REPO_DIR}")
 
 # %% [markdown]
-# **Configuration.** `PRESET` picks one of `config.py`'s presets: `kaggle` (Gemma2-2B-it, TPU v5e-8, 180k kept
-# training rows, 4 epochs capped by an 8-hour budget), `unrestricted` (continues a kaggle run on 100k fresh rows)
-# or `cpu-tiny` (a tiny random model on the shipped sample, for a CPU smoke run). `OVERRIDES` takes any
-# `section.field` of `config.py`, as the command line's `--section.field value` does.
+# **Configuration.** `PRESET` picks one of `config.py`'s presets, and with it the model (the one setting that does):
+# `kaggle` (Gemma2-2B-it, TPU v5e-8, 180k kept training rows, 4 epochs capped by an 8-hour budget),
+# `kaggle-gemma3` (the same run with Gemma3-1B-it, the hackathon's other model), `unrestricted` (continues the
+# kaggle run named by its `run.init_from`, with that run's model, on 100k fresh rows) or `cpu-tiny` /
+# `cpu-tiny-gemma3` (a tiny random model of either architecture on the shipped sample, for a CPU smoke run).
+# `OVERRIDES` takes any `section.field` of `config.py`, as the command line's `--section.field value` does.
 
 # %%
 PRESET = os.environ.get("TUNIX_SFT_PRESET", "kaggle")
@@ -248,9 +251,9 @@ display(Markdown((RUN_DIR / "eval" / "report.md").read_text()[:20_000]))
 
 # %% [markdown]
 # **What the judges' evaluation cells use.** The run directory, as an absolute path, is `CKPT_DIR` (its
-# `actor/<step>/model_params` are the checkpoints); `lora_policy` is Tunix's Gemma2 with this run's qwix LoRA, at the final checkpoint's
-# weights, on the training mesh; `tokenizer` is the sentencepiece model the Sampler takes; `model_config` is
-# Tunix's `ModelConfig` of the model.
+# `actor/<step>/model_params` are the checkpoints); `lora_policy` is Tunix's Gemma2 (Gemma3 with `kaggle-gemma3`)
+# with this run's qwix LoRA, at the final checkpoint's weights, on the training mesh; `tokenizer` is the
+# sentencepiece model the Sampler takes; `model_config` is Tunix's `ModelConfig` of the model.
 
 # %%
 CKPT_DIR = str(RUN_DIR.resolve())  # absolute: orbax restores only from an absolute path
@@ -261,7 +264,7 @@ with jax.set_mesh(mesh):
     rundir.restore_lora(lora_policy, RUN_DIR, final_step)
 model_config = lora_policy.config
 tokenizer = data_prep.load_tokenizer(cfg.model)
-print(f"lora_policy: Gemma2 + LoRA rank {cfg.lora.rank} at step {final_step} of {CKPT_DIR}/actor; "
+print(f"lora_policy: {cfg.model.name} + LoRA rank {cfg.lora.rank} at step {final_step} of {CKPT_DIR}/actor; "
       f"{model_config.num_layers} layers, {model_config.num_kv_heads} kv heads of {model_config.head_dim}")
 
 # %% [markdown]
@@ -271,6 +274,8 @@ print(f"lora_policy: Gemma2 + LoRA rank {cfg.lora.rank} at step {final_step} of 
 # stopped reading (`data.continue_from` = `runs/kaggle`, whose `config.json` records the source rows read), at a
 # lower LR: `python train_sft.py --preset unrestricted --init-from runs/kaggle`, re-run until its plan is done, then
 # `python export.py --preset unrestricted --run runs/unrestricted --out exports/unrestricted --upload USER/MODEL`.
+# With Gemma3-1B-it, `--init-from runs/kaggle-gemma3` alone makes it a Gemma3 run that reads the data after that
+# run's.
 #
 # `export.py` writes one Kaggle model variation and uploads it to `USER/MODEL/jax/size`, the handle the template
 # downloads (`unrestricted_kaggle_model + "/jax/size"`), so `unrestricted_kaggle_model` below is `USER/MODEL`. The
@@ -278,7 +283,8 @@ print(f"lora_policy: Gemma2 + LoRA rank {cfg.lora.rank} at step {final_step} of 
 # reads them as it stands, and again at `actor/<step>/model_params` (the template's note: "may need to append"
 # it); the same base model as the single-session run, Gemma2-2B-it. It also holds the LoRA merged into
 # Gemma2-2B-it in the Kaggle Flax layout (`gemma2-2b-it/`, which `params.load_and_format_params` +
-# `Gemma.from_params(params, version="2-2b-it")` load) and `tokenizer.model`.
+# `Gemma.from_params(params, version="2-2b-it")` load; with Gemma3, `gemma3-1b-it/`, which
+# `gemma3.params.create_model_from_checkpoint` loads) and `tokenizer.model`.
 #
 # The cell below exports this run the same way (uploaded only with Kaggle credentials and `UPLOAD_MODEL` set;
 # without them it prints the command to publish it later).
@@ -296,9 +302,10 @@ unrestricted_kaggle_model = "USER/gemma2-2b-tunix-reasoning"
 # %% [markdown]
 # ## Other things you want the judges to know
 #
-# - `python export.py ... --format hf` writes a Hugging Face `Gemma2ForCausalLM` directory for transformers and
-#   vLLM users.
-# - Everything here also runs on a CPU with `TUNIX_SFT_PRESET=cpu-tiny` (a tiny random Gemma2), which is how the
-#   repository's tests execute this notebook, and then run the template's evaluation cells in the same kernel.
+# - `python export.py ... --format hf` writes a Hugging Face `Gemma2ForCausalLM` (Gemma3: `Gemma3ForCausalLM`)
+#   directory for transformers and vLLM users.
+# - Everything here also runs on a CPU with `TUNIX_SFT_PRESET=cpu-tiny` (a tiny random Gemma2; `cpu-tiny-gemma3`: a
+#   tiny random Gemma3), which is how the repository's tests execute this notebook, and then run the template's
+#   evaluation cells in the same kernel.
 # - The model ends its answers with `<end_of_turn>` and then EOS, so a sampler stops right after `</answer>` with
 #   Tunix's default stop token as well as with `<end_of_turn>` among its stop tokens.

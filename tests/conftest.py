@@ -33,15 +33,40 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_prep.prepare(cfg, show_progress=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """The cpu-tiny model with fresh LoRA, built once for the tests that only run it."""
+# The tiny model of each architecture: the tests of what differs between Gemma2 and Gemma3 run on both.
+TINY_PRESETS = ("cpu-tiny", "cpu-tiny-gemma3")
+
+
+def build_tiny_model(preset: str):
     from model import build_model, make_mesh
 
-    cfg = config.get_config("cpu-tiny")
+    cfg = config.get_config(preset)
     mesh = make_mesh(cfg)
     with mesh:
         return build_model(cfg, mesh)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The cpu-tiny model with fresh LoRA, built once for the tests that only run it."""
+    return build_tiny_model("cpu-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_model():
+    """The cpu-tiny-gemma3 model with fresh LoRA."""
+    return build_tiny_model("cpu-tiny-gemma3")
+
+
+@pytest.fixture(scope="session", params=TINY_PRESETS)
+def tiny_preset(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def each_tiny_model(tiny_preset: str, request: pytest.FixtureRequest):
+    """The tiny model of each architecture with fresh LoRA (tiny_model, tiny_gemma3_model)."""
+    return request.getfixturevalue({"cpu-tiny": "tiny_model", "cpu-tiny-gemma3": "tiny_gemma3_model"}[tiny_preset])
 
 
 TINY_RUN_STEPS = 12
@@ -50,14 +75,15 @@ COMPILE_CACHE = Path(tempfile.mkdtemp(prefix="tunix_sft_tests_jax_cache_"))
 atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
-def tiny_run_config(out_dir: Path, data_dir: Path, **overrides: str) -> config.Config:
-    """cpu-tiny, cut to a short run that evaluates and checkpoints every few steps (and generates only when asked),
-    with the session's compilation cache (``run.compile_cache_dir ""`` gives the run its own)."""
+def tiny_run_config(out_dir: Path, data_dir: Path, preset: str = "cpu-tiny", **overrides: str) -> config.Config:
+    """cpu-tiny (or another tiny preset), cut to a short run that evaluates and checkpoints every few steps (and
+    generates only when asked), with the session's compilation cache (``run.compile_cache_dir ""`` gives the run its
+    own)."""
     settings = {"run.out_dir": str(out_dir), "data.out_dir": str(data_dir), "run.max_steps": str(TINY_RUN_STEPS),
                 "run.eval_every": "4", "run.checkpoint_every_steps": "4", "run.eval_batches": "1",
                 "eval.generate_every": "0", "run.time_budget_min": "0",  # no wall-clock budget: load changes nothing
                 "run.compile_cache_dir": str(COMPILE_CACHE)}
-    return config.get_config("cpu-tiny", settings | overrides)
+    return config.get_config(preset, settings | overrides)
 
 
 def logits_of(model, tokens: np.ndarray) -> np.ndarray:
@@ -81,21 +107,36 @@ def logit_tokens(data_dir: Path) -> np.ndarray:
 def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Path:
     """A short cpu-tiny training run, shared by the training, evaluation and export tests. Beside it,
     ``trained_logits.npy``: the trained model's logits over ``logit_tokens``, taken in memory when training ended."""
+    return train_tiny_run(tmp_path_factory, tiny_data_dir, "cpu-tiny")
+
+
+@pytest.fixture(scope="session")
+def each_tiny_run_dir(tiny_preset: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                      tiny_data_dir: Path) -> Path:
+    """A short training run of each architecture's tiny model (the same prepared data: one tokenizer), with its
+    ``trained_logits.npy`` beside it."""
+    if tiny_preset == "cpu-tiny":
+        return request.getfixturevalue("tiny_run_dir")
+    return train_tiny_run(tmp_path_factory, tiny_data_dir, tiny_preset)
+
+
+def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, preset: str) -> Path:
+    """A short run of a tiny preset, and ``trained_logits.npy`` beside it, recorded from the model in memory."""
     import jax
 
     import train_sft
     from model import make_mesh
 
-    run_dir = tmp_path_factory.mktemp("cpu_tiny_run") / "run"
+    run_dir = tmp_path_factory.mktemp(preset.replace("-", "_") + "_run") / "run"
     built = []
     with pytest.MonkeyPatch.context() as patch:
         build_model = train_sft.build_model
         patch.setattr(train_sft, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
         # Its own compilation cache: tests/test_train_sft.py counts what it compiles.
-        cfg = tiny_run_config(run_dir, tiny_data_dir, **{"run.compile_cache_dir": ""})
-        train_sft.train(cfg, tiny_data_dir)
+        cfg = tiny_run_config(run_dir, data_dir, preset, **{"run.compile_cache_dir": ""})
+        train_sft.train(cfg, data_dir)
     with jax.set_mesh(make_mesh(cfg)):
-        np.save(run_dir.parent / "trained_logits.npy", logits_of(built[0], logit_tokens(tiny_data_dir)))
+        np.save(run_dir.parent / "trained_logits.npy", logits_of(built[0], logit_tokens(data_dir)))
     return run_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -84,6 +85,22 @@ def test_tiny_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
 def test_load_tokenizer_rejects_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="does not exist"):
         data_prep.load_tokenizer(config.ModelConfig(tokenizer_path=str(tmp_path / "none.model")))
+
+
+def test_a_tokenizer_that_does_not_fit_the_models_embedding_is_refused() -> None:
+    """The tokenizer must be the model's own by its size: as many pieces as embedding rows, or up to Tunix's 128
+    padding rows fewer (Gemma2's 256,000 pieces on 256,128 rows). Gemma2's tokenizer on Gemma3's 262,144 rows, or
+    Gemma3's on Gemma2's, is refused in one line."""
+    tiny = config.get_config("cpu-tiny").model
+    pieces = data_prep.load_tokenizer(tiny).get_piece_size()
+    for rows in (pieces, pieces + data_prep.EMBEDDING_PADDING):
+        assert data_prep.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows)).get_piece_size() == pieces
+    for rows in (pieces - 1, pieces + data_prep.EMBEDDING_PADDING + 1):
+        with pytest.raises(config.ConfigError, match=rf"has {pieces} pieces but tiny's embedding has {rows} rows"):
+            data_prep.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows))
+    with pytest.raises(config.ConfigError, match=rf"^tokenizer \S+ has {pieces} pieces but gemma3-1b-it's embedding "
+                                                 r"has 262144 rows: use gemma3-1b-it's own tokenizer"):
+        data_prep.load_tokenizer(config.ModelConfig(name="gemma3-1b-it", tokenizer_path=tiny.tokenizer_path))
 
 
 # ----------------------------------------------------------------------------- tokenize
@@ -302,7 +319,7 @@ def test_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(reads) == 2 and data_prep.num_windows(tmp_path) == SAMPLE_KEPT - HELD_OUT  # one row per window
     tokenizer = tmp_path / "tok.model"
     data_prep.build_tiny_tokenizer(config.SAMPLE_PATH, tokenizer, vocab_size=1024)
-    unpacked.model.tokenizer_path = str(tokenizer)
+    unpacked.model.tokenizer_path, unpacked.model.vocab_size = str(tokenizer), 1024  # the embedding fits it
     data_prep.prepare(unpacked, show_progress=False)
     assert len(reads) == 3
 
@@ -566,10 +583,12 @@ def test_presets_take_180k_kept_rows_then_100k_fresh_ones(tmp_path: Path, sp: sp
     assert data_prep.kept_rows_wanted(kaggle.data) == 180_000 + kaggle.data.eval_rows
     assert (unrestricted.data.start, unrestricted.data.num_rows) == (0, 100_000)
     assert unrestricted.data.continue_from == unrestricted.run.init_from == kaggle.run.out_dir
-    # The two presets as they are, on a local source with the tiny tokenizer and fewer rows: the unrestricted
-    # preparation continues from the kaggle run directory (what a later Kaggle session has) and shares no row.
+    # The two presets as they are, on a local source with the tiny tokenizer (and the tiny model, whose embedding
+    # fits it) and fewer rows: the unrestricted preparation continues from the kaggle run directory (what a later
+    # Kaggle session has) and shares no row.
     source = numbered_source(tmp_path / "rows.jsonl", 150)
-    local = {"data.source": str(source), "model.tokenizer_path": str(config.TINY_TOKENIZER_PATH), "data.eval_rows": "4"}
+    local = {"data.source": str(source), "model.tokenizer_path": str(config.TINY_TOKENIZER_PATH), "data.eval_rows": "4",
+             "model.name": "tiny", "model.sliding_window": "4096"}
     kaggle_data = data_prep.prepare(config.get_config("kaggle", local | {
         "data.num_rows": "60", "data.out_dir": str(tmp_path / "data_kaggle")}), show_progress=False)
     run_dir = tmp_path / "runs_kaggle"
@@ -598,7 +617,8 @@ def test_bad_continue_from_stops_before_any_row_is_read(tmp_path: Path, monkeypa
         ({"data.continue_from": tmp_path / "missing"}, r"missing does not exist: .* --data.start N"),
         ({"data.continue_from": tmp_path / "empty"}, r"holds no manifest.json .* --data.start N"),
         ({"data.continue_from": tiny_data_dir, "data.source": other_source}, r"was prepared from .*glaiveai_sample"),
-        ({"data.continue_from": tiny_data_dir, "model.tokenizer_path": tokenizer}, "was tokenized with"),
+        ({"data.continue_from": tiny_data_dir, "model.tokenizer_path": tokenizer, "model.vocab_size": 1024},
+         "was tokenized with"),
     ]
     for overrides, message in cases:
         with pytest.raises(config.ConfigError, match=message):

@@ -5,13 +5,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_PRESETS
 
+import chat_format
 import data_prep
 import eval_samples
 import rundir
 from chat_format import check_format
 from config import ConfigError, get_config
-from model import build_model, generate, make_mesh
+from model import build_model, build_sampler, generate, make_mesh, padded_prompt_length
 
 GOOD = "<reasoning>Two and two make four.</reasoning>\n<answer>4</answer>"
 
@@ -198,9 +200,10 @@ def test_cpu_tiny_evaluation_budget_covers_the_longest_completion(tiny_run_dir, 
     assert "| truncation rate (hit the budget) |" in (out / "report.md").read_text()
 
 
-def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_path):
-    """Trained rows end <end_of_turn> EOS: cpu-tiny trained to recite a few rows, then sampled as the judges' cells
-    sample (the template's Sampler, no stop tokens passed, so Tunix stops on EOS alone), ends each well-formed
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_path, preset):
+    """Trained rows end <end_of_turn> EOS: each tiny model trained to recite a few rows, then sampled as the judges'
+    cells sample (the template's Sampler, no stop tokens passed, so Tunix stops on EOS alone), ends each well-formed
     output within a token of </answer> (its <end_of_turn>) instead of running on to the budget."""
     from judges_procedure import EVALUATE, MAKE_SAMPLER, run_cells
     from tunix.generate import sampler as sampler_lib
@@ -209,7 +212,7 @@ def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_
     from chat_format import PROMPT_TEMPLATE, tokens_after_answer
     from rundir import checkpoint_step, restore_lora
 
-    cfg = get_config("cpu-tiny", {
+    cfg = get_config(preset, {
         "data.out_dir": str(tmp_path / "data"), "data.stop": "16", "data.eval_rows": "1", "data.max_len": "256",
         "run.out_dir": str(tmp_path / "run"), "run.micro_batch": "2", "run.max_steps": "80", "run.epochs": "1000",
         "run.eval_every": "1000", "run.checkpoint_every_steps": "1000", "run.time_budget_min": "0",
@@ -234,3 +237,35 @@ def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_
     well_formed = [tokens for tokens, text in outputs if check_format(text, len(tokens) >= budget).ok]
     assert len(well_formed) >= len(outputs) // 2 > 0
     assert all(tokens_after_answer(tokens, tokenizer.decode) <= 2 for tokens in well_formed)
+
+
+def test_generation_stops_at_end_of_turn_for_either_model(each_tiny_model, tiny_preset):
+    """A turn ends at <end_of_turn> for either model (google/tunix#842: a Gemma3-1B sampler that stops on EOS alone
+    runs on). The weights are set so that greedy decoding emits <end_of_turn> at once and after every
+    <end_of_turn>: the layers add nothing (their post-norms scale by 1 + -1) and <end_of_turn>'s embedding is the
+    prompt's last token's, doubled."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg = get_config(tiny_preset, {"eval.max_new_tokens": "8", "eval.batch_size": "1"})
+    tokenizer = data_prep.load_tokenizer(cfg.model)
+    prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}]
+    last = tokenizer.encode(chat_format.build_prompt(prompts[0]["prompt"]))[-1]
+    end_of_turn = tokenizer.piece_to_id(chat_format.END_OF_TURN)
+    saved = jax.tree.map(jnp.copy, nnx.state(each_tiny_model, nnx.Param))
+    post_norms = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("post_ffw_norm"), nnx.PathContains(
+        "post_attn_norm" if tiny_preset == "cpu-tiny" else "post_attention_norm")))
+    embedding = nnx.state(each_tiny_model, nnx.PathContains("input_embedding"))
+    try:
+        nnx.update(each_tiny_model, jax.tree.map(lambda x: -jnp.ones_like(x), nnx.state(each_tiny_model, post_norms)))
+        nnx.update(each_tiny_model, jax.tree.map(lambda e: e.at[end_of_turn].set(2 * e[last]), embedding))
+        [record] = generate(each_tiny_model, tokenizer, prompts, cfg.eval, "tuned", show_progress=False)
+        assert record["generated_tokens"] == 0 and not record["truncated"]
+        # without <end_of_turn> among the stop tokens the same sampler runs on to the budget, emitting only it
+        prompt_len = padded_prompt_length(tokenizer, prompts)
+        sampler = build_sampler(each_tiny_model, tokenizer, prompt_len, 8)
+        out = sampler([chat_format.build_prompt(prompts[0]["prompt"])], max_generation_steps=8,
+                      max_prompt_length=prompt_len, eos_tokens=[tokenizer.eos_id()])
+        assert list(out.tokens[0]) == [end_of_turn] * 8
+    finally:
+        nnx.update(each_tiny_model, saved)

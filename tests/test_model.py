@@ -14,6 +14,7 @@ from flax import nnx
 import config
 import data_prep
 import export
+import kaggle_weights
 import model
 import tunix_adapter
 
@@ -32,25 +33,60 @@ def test_packed_mask_keeps_rows_apart():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_packed_row_sees_nothing_of_its_neighbour(tiny_model):
+def test_packed_row_sees_nothing_of_its_neighbour(each_tiny_model):
     """The second row of a packed window gets exactly the logits it gets alone."""
     rng = np.random.default_rng(0)
     row_a, row_b = rng.integers(5, 2000, 7), rng.integers(5, 2000, 5)
     packed = np.concatenate([row_a, row_b, [0, 0]])[None].astype(np.int32)
     segments = np.array([[1] * 7 + [2] * 5 + [0, 0]], np.int32)
     positions = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
-    logits, _ = tiny_model(packed, positions, None, model.packed_attention_mask(segments))
+    logits, _ = each_tiny_model(packed, positions, None, model.packed_attention_mask(segments))
     alone = row_b[None].astype(np.int32)
-    alone_logits, _ = tiny_model(alone, np.arange(5)[None], None,
-                                 model.packed_attention_mask(np.ones((1, 5), np.int32)))
+    alone_logits, _ = each_tiny_model(alone, np.arange(5)[None], None,
+                                      model.packed_attention_mask(np.ones((1, 5), np.int32)))
     np.testing.assert_allclose(logits[0, 7:12], alone_logits[0], atol=1e-5)
     # and the neighbour matters when the mask lets it in: the check above can fail
     leaky = jnp.tril(jnp.ones((1, 14, 14), bool))
-    leaky_logits, _ = tiny_model(packed, positions, None, leaky)
+    leaky_logits, _ = each_tiny_model(packed, positions, None, leaky)
     assert not np.allclose(leaky_logits[0, 7:12], alone_logits[0], atol=1e-3)
 
 
-def test_gather_loss_equals_tunix_one_hot_loss(tiny_model):
+def test_gemma3_rows_longer_than_the_sliding_window_stay_exact_when_packed(tiny_gemma3_model):
+    """Tunix's Gemma3 builds its prefill band from absolute indices, so each packed row gets the logits it gets
+    alone even where it is longer than the window (32 here, against 512 in a 2048 window at real size)."""
+    window = config.get_config("cpu-tiny-gemma3").model.sliding_window
+    rng = np.random.default_rng(4)
+    lengths = [70, 90, 80]  # each longer than twice the window, 240 of a 256-token packed window
+    assert min(lengths) > 2 * window
+    rows = [rng.integers(5, 2000, n) for n in lengths]
+    pad = 256 - sum(lengths)
+    tokens = np.concatenate([*rows, np.zeros(pad, int)])[None].astype(np.int32)
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None].astype(np.int32)
+    logits, _ = tiny_gemma3_model(tokens, positions, None, model.packed_attention_mask(segments))
+
+    def alone(row: np.ndarray) -> np.ndarray:
+        mask = model.packed_attention_mask(np.ones((1, len(row)), np.int32))
+        return np.asarray(tiny_gemma3_model(row[None].astype(np.int32), np.arange(len(row))[None], None, mask)[0][0])
+
+    starts = np.cumsum([0, *lengths])
+    for row, start in zip(rows, starts, strict=False):
+        np.testing.assert_allclose(logits[0, start:start + len(row)], alone(row), atol=1e-5)
+    # the window is active at these lengths: with a window as long as the row, the same row's logits differ
+    local = [layer.attn for layer in tiny_gemma3_model.layers if layer.attn.attn_type.name == "LOCAL_SLIDING"]
+    assert 0 < len(local) < len(tiny_gemma3_model.layers)  # five local layers, one global
+    for attn in local:
+        attn.sliding_window_size = 256
+    try:
+        unwindowed = alone(rows[-1])
+    finally:
+        for attn in local:
+            attn.sliding_window_size = window
+    assert not np.allclose(unwindowed[window:], alone(rows[-1])[window:], atol=1e-3)
+
+
+def test_gather_loss_equals_tunix_one_hot_loss(each_tiny_model):
+    tiny_model = each_tiny_model
     rng = np.random.default_rng(1)
     tokens = rng.integers(5, 2000, (2, 16)).astype(np.int32)
     loss_mask = np.zeros((2, 16), np.int32)
@@ -97,14 +133,15 @@ def loss_and_lora_grads(lora_model: nnx.Module, batch: dict[str, np.ndarray], lo
     return float(loss), float(aux["loss_tokens"]), {p: np.asarray(v.get_value()) for p, v in grads.flat_state()}
 
 
-@pytest.fixture(scope="module")
-def trained_lora_model(tiny_model):
-    """The tiny model with nonzero LoRA B (as after training), so LoRA changes the logits."""
-    lora = nnx.state(tiny_model, nnx.LoRAParam)
+@pytest.fixture
+def trained_lora_model(each_tiny_model):
+    """Each tiny model with nonzero LoRA B (as after training), so LoRA changes the logits."""
+    lora = nnx.state(each_tiny_model, nnx.LoRAParam)
     rng = np.random.default_rng(3)
-    nnx.update(tiny_model, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.05, x.dtype), lora))
-    yield tiny_model
-    nnx.update(tiny_model, lora)
+    nnx.update(each_tiny_model, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.05, x.dtype),
+                                             lora))
+    yield each_tiny_model
+    nnx.update(each_tiny_model, lora)
 
 
 # 22 positions a row: neither 5 nor 7 divides it
@@ -123,8 +160,9 @@ def test_chunked_loss_equals_the_full_logits_loss_in_value_and_lora_gradient(tra
                                    err_msg=str(path))
 
 
-def test_chunked_loss_applies_lora_and_the_final_softcap(trained_lora_model):
-    """The chunked loss goes through LoRA (a different LoRA, a different loss) and Gemma's logit soft-cap."""
+def test_chunked_loss_applies_lora_and_the_final_softcap(trained_lora_model, tiny_preset):
+    """The chunked loss goes through LoRA (a different LoRA, a different loss) and Gemma2's logit soft-cap (Gemma3
+    has none)."""
     batch = [loss_batch(packed=True)]
     chunked = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
     lora = nnx.state(trained_lora_model, nnx.LoRAParam)
@@ -132,7 +170,10 @@ def test_chunked_loss_applies_lora_and_the_final_softcap(trained_lora_model):
     without_lora = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
     nnx.update(trained_lora_model, lora)
     assert abs(chunked - without_lora) > 1e-3
-    softcap = trained_lora_model.final_logits_softcap
+    softcap = model.final_softcap(trained_lora_model)
+    assert softcap == {"cpu-tiny": 30.0, "cpu-tiny-gemma3": None}[tiny_preset]
+    if softcap is None:
+        return
     trained_lora_model.final_logits_softcap = None
     uncapped = model.evaluate_loss(trained_lora_model, batch, loss_chunk=5)["loss"]
     uncapped_full = model.evaluate_loss(trained_lora_model, batch, loss_chunk=0)["loss"]
@@ -161,39 +202,56 @@ def test_mesh_must_match_the_devices():
 # ----------------------------------------------------------------------------- the Kaggle checkpoint loader
 
 
-def write_kaggle_checkpoint(state: nnx.State, folder: Path) -> None:
-    """Writes weights in the Kaggle Flax gemma2 layout, as export's orbax format does."""
-    export.save_kaggle_checkpoint({path: np.asarray(v.get_value()) for path, v in state.flat_state()}, folder)
+def write_kaggle_checkpoint(state: nnx.State, folder: Path, family: str) -> None:
+    """Writes weights in the Kaggle Flax layout of a Gemma2 or Gemma3 download, as export's orbax format does."""
+    export.save_kaggle_checkpoint({path: np.asarray(v.get_value()) for path, v in state.flat_state()}, folder, family)
 
 
-def test_kaggle_layout_checkpoint_loads_converts_once_and_caches(tmp_path, monkeypatch):
-    cfg = config.get_config("cpu-tiny")
+def test_kaggle_layout_checkpoint_loads_converts_once_and_caches(tmp_path, monkeypatch, tiny_preset):
+    cfg = config.get_config(tiny_preset)
     mesh = model.make_mesh(cfg)
     with mesh:
         reference = model.load_base_model(cfg, mesh)
-    write_kaggle_checkpoint(nnx.state(reference), tmp_path / "kaggle" / "gemma2-2b-it")
+    folder = kaggle_weights.checkpoint_folder_names(cfg.model)[0]
+    assert folder == {"cpu-tiny": "gemma2-2b-it", "cpu-tiny-gemma3": "gemma3-1b-it"}[tiny_preset]
+    write_kaggle_checkpoint(nnx.state(reference), tmp_path / "kaggle" / folder, config.model_family(cfg.model))
     (tmp_path / "kaggle" / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
     # init_seed changes the random init: equal logits prove the weights came from the file.
-    loaded_cfg = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
-                                                "model.cache_dir": str(tmp_path / "cache"), "model.init_seed": "9"})
+    loaded_cfg = config.get_config(tiny_preset, {"model.checkpoint_dir": str(tmp_path / "kaggle"),
+                                                 "model.cache_dir": str(tmp_path / "cache"), "model.init_seed": "9"})
     tokens = np.array([[2, 106, 30, 40, 50, 107]], np.int32)
     positions, mask = np.arange(6)[None], model.packed_attention_mask(np.ones((1, 6), np.int32))
     with mesh:
         want, _ = reference(tokens, positions, None, mask)
         first = model.load_base_model(loaded_cfg, mesh)
         cached = list((tmp_path / "cache").iterdir())
-        assert len(cached) == 1 and cached[0].name.startswith("tiny-nnx-")
+        assert len(cached) == 1 and cached[0].name.startswith(f"{cfg.model.name}-nnx-")
         monkeypatch.setattr(model, "_convert_kaggle_checkpoint",
                             lambda *a: pytest.fail("the cached conversion was not reused"))
         second = model.load_base_model(loaded_cfg, mesh)
         np.testing.assert_allclose(first(tokens, positions, None, mask)[0], want, atol=1e-6)
         np.testing.assert_allclose(second(tokens, positions, None, mask)[0], want, atol=1e-6)
-        other_model = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path / "kaggle"),
-                                                     "model.cache_dir": str(tmp_path / "cache"),
-                                                     "model.num_layers": "2"})
+        other_model = config.get_config(tiny_preset, {"model.checkpoint_dir": str(tmp_path / "kaggle"),
+                                                      "model.cache_dir": str(tmp_path / "cache"),
+                                                      "model.num_layers": "2"})
         monkeypatch.undo()
-        with pytest.raises(config.ConfigError, match="does not fit --model.name tiny"):  # no stale cache reuse
+        with pytest.raises(config.ConfigError, match=f"does not fit --model.name {cfg.model.name}"):  # no stale cache
             model.load_base_model(other_model, mesh)
+
+
+@pytest.mark.parametrize("saved, loaded", [("cpu-tiny", "cpu-tiny-gemma3"), ("cpu-tiny-gemma3", "cpu-tiny")])
+def test_a_download_of_the_other_architecture_is_refused(tmp_path, saved, loaded):
+    """Gemma3's weights given as Gemma2's (or the reverse) stop with one line, whatever the folder is called."""
+    cfg = config.get_config(saved)
+    state = nnx.state(model.abstract_model(cfg.model))
+    state = model.random_tiny_state(state, 0, cfg.model.embed_dim)
+    write_kaggle_checkpoint(state, tmp_path / "gemma2-2b-it", config.model_family(cfg.model))
+    (tmp_path / "gemma3-1b-it").symlink_to(tmp_path / "gemma2-2b-it")
+    (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
+    other = config.get_config(loaded, {"model.checkpoint_dir": str(tmp_path), "model.num_layers": "6"})
+    with pytest.raises(config.ConfigError, match=rf"^checkpoint {tmp_path}/\S+ does not fit --model.name "
+                                                 rf"{other.model.name} \(.*\): use the checkpoint of that model$"):
+        model.load_base_model(other, model.make_mesh(other))
 
 
 def test_wrong_size_checkpoint_names_both_shapes(tmp_path):
@@ -201,42 +259,72 @@ def test_wrong_size_checkpoint_names_both_shapes(tmp_path):
     mesh = model.make_mesh(cfg)
     with mesh:
         state = nnx.state(model.load_base_model(cfg, mesh))
-    write_kaggle_checkpoint(state, tmp_path / "gemma2-2b-it")
+    write_kaggle_checkpoint(state, tmp_path / "gemma2-2b-it", "gemma2")
     (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
     bigger = config.get_config("cpu-tiny", {"model.checkpoint_dir": str(tmp_path), "model.embed_dim": "256"})
     with pytest.raises(config.ConfigError, match=r"of shape \(2048, 128\) but --model.name tiny expects \(2048, 256\)"):
         model.load_base_model(bigger, mesh)
 
 
-def test_kaggle_model_lora_and_sharding_build_abstractly_on_8_devices(eight_devices):
-    out = eight_devices("""
+# Each real model's sizes, counted independently of Tunix: layers, vocab (embedding rows), width, MLP, heads, kv
+# heads, head_dim, and whether the attention has query/key norms (Gemma3).
+REAL_SHAPES = {"kaggle": (26, 256_128, 2304, 9216, 8, 4, 256, False),
+               "kaggle-gemma3": (26, 262_144, 1152, 6912, 4, 1, 256, True)}
+
+
+@pytest.mark.parametrize("preset, base_params, lora_params", [("kaggle", 2_614_636_800, 79_233_024),
+                                                              ("kaggle-gemma3", 999_885_952, 50_266_112)])
+def test_real_model_lora_and_sharding_build_abstractly_on_8_devices(eight_devices, preset, base_params, lora_params):
+    """Each real model with the preset's LoRA, built abstractly on 8 devices: its parameter counts, LoRA on exactly
+    the q, kv, attention-output, gate, up and down projections of every layer (what the regex is meant to match
+    on the model's real module paths), and its shardings."""
+    out = eight_devices(f"""
         import json, jax, psutil
         from flax import nnx
         import config, model
-        cfg = config.get_config("kaggle")
+        cfg = config.get_config({preset!r})
         mesh = model.make_mesh(cfg)
         arrays, rss = len(jax.live_arrays()), psutil.Process().memory_info().rss
         with mesh:
+            abstract = model.abstract_model(cfg.model)
             lora_model = nnx.eval_shape(lambda: model.apply_lora(model.abstract_model(cfg.model), cfg, None))
         shardings = nnx.get_named_sharding(nnx.state(lora_model), mesh)
-        specs = {str(p): list(s.spec) for p, s in shardings.flat_state()}
-        print(json.dumps({"total": model.count_params(lora_model),
+        specs = {{str(p): list(s.spec) for p, s in shardings.flat_state()}}
+        lora = ["/".join(map(str, p[:-1])) for p, _ in nnx.state(lora_model, nnx.LoRAParam).flat_state()]
+        print(json.dumps({{"total": model.count_params(lora_model),
                           "lora": model.count_params(lora_model, nnx.LoRAParam),
+                          "lora_modules": sorted(set(lora)),
+                          "targets": model.lora_targets(abstract, cfg.lora.module_path),
                           "new_arrays": len(jax.live_arrays()) - arrays,
                           "rss_growth_gb": (psutil.Process().memory_info().rss - rss) / 1e9,
                           "embedding": specs["('embedder', 'input_embedding')"],
-                          "gate": specs["('layers', 0, 'mlp', 'gate_proj', 'kernel')"]}))
+                          "gate": specs["('layers', 0, 'mlp', 'gate_proj', 'kernel')"]}}))
     """)
     result = json.loads(out.strip().splitlines()[-1])
-    d, f, n, k, h, layers, vocab = 2304, 9216, 8, 4, 256, 26, 256128
-    base = vocab * d + d + layers * (n * d * h + 2 * k * d * h + n * h * d + 3 * d * f + 4 * d)
-    assert base == 2_614_636_800  # Gemma2-2B with Tunix's 256128-row embedding, counted independently
+    layers, vocab, d, f, n, k, h, qk_norms = REAL_SHAPES[preset]
+    base = vocab * d + d + layers * (n * d * h + 2 * k * d * h + n * h * d + 3 * d * f + 4 * d + 2 * h * qk_norms)
+    assert base == base_params
     # rank 64 on q, kv, attn_vec, gate, up, down: r * (fan_in + fan_out) each
     lora = layers * 64 * ((d + n * h) + (d + 2 * k * h) + (n * h + d) + 2 * (d + f) + (f + d))
-    assert result["lora"] == lora == 79_233_024
+    assert result["lora"] == lora == lora_params
     assert result["total"] == base + lora
-    assert result["new_arrays"] == 0 and result["rss_growth_gb"] < 1  # nothing of the 2.6B (5.2 GB) was allocated
+    projections = ("attn/attn_vec_einsum", "attn/kv_einsum", "attn/q_einsum", "mlp/down_proj", "mlp/gate_proj",
+                   "mlp/up_proj")
+    wanted = sorted(f"layers/{i}/{name}" for i in range(layers) for name in projections)
+    assert result["lora_modules"] == wanted
+    assert sorted(result["targets"]) == wanted
+    assert result["new_arrays"] == 0 and result["rss_growth_gb"] < 1  # nothing of the real model (2-5 GB) allocated
     assert result["embedding"] == ["tp", "fsdp"] and result["gate"] == ["fsdp", "tp"]
+
+
+def test_a_lora_regex_that_matches_no_projection_stops_before_the_build(monkeypatch):
+    cfg = config.get_config("cpu-tiny-gemma3", {"lora.module_path": ".*q_proj|.*o_proj"})  # HF's names, not Tunix's
+    monkeypatch.setattr(model, "load_base_model", lambda *a: pytest.fail("weights were loaded"))
+    with pytest.raises(config.ConfigError, match=r"^--lora.module_path '\.\*q_proj\|\.\*o_proj' matches no "
+                                                 r"projection of tiny-gemma3 .*: fix the regex"):
+        model.build_model(cfg, model.make_mesh(cfg))
+    assert model.lora_targets(model.abstract_model(cfg.model), ".*mlp/up_proj") == [
+        f"layers/{i}/mlp/up_proj" for i in range(cfg.model.num_layers)]
 
 
 def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_tokenizer_far_too_small():

@@ -1,4 +1,4 @@
-"""The Kaggle notebook: its .ipynb is generated from the .py, and it runs top to bottom with the cpu-tiny preset."""
+"""The Kaggle notebook: its .ipynb is generated from the .py, and it runs top to bottom with either tiny preset."""
 
 from __future__ import annotations
 
@@ -47,14 +47,16 @@ Path("judged.json").write_text(json.dumps({
 """
 
 
+@pytest.mark.parametrize("preset, merged_folder", [("cpu-tiny", "gemma2-2b-it"), ("cpu-tiny-gemma3", "gemma3-1b-it")])
 def test_notebook_runs_top_to_bottom_on_cpu_tiny_and_the_judges_cells_evaluate_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run all on cpu-tiny, then the submission template's evaluation cells (tests/judges_procedure.py) in the same
-    kernel: they find the run's final step under CKPT_DIR/actor, restore its LoRA bit for bit into lora_policy, and
-    a stand-in judge sampling with INF_*, SEED and MAX_GENERATION_STEPS gets what the notebook's evaluation got."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str, merged_folder: str) -> None:
+    """Run all on each tiny model (PRESET picks it), then the submission template's evaluation cells
+    (tests/judges_procedure.py) in the same kernel: they find the run's final step under CKPT_DIR/actor, restore its
+    LoRA bit for bit into lora_policy, and a stand-in judge sampling with INF_*, SEED and MAX_GENERATION_STEPS gets
+    what the notebook's evaluation got."""
     overrides = {"run.max_steps": "8", "run.eval_every": "100", "run.eval_batches": "1", "eval.generate_every": "0",
                  "eval.num_prompts": "2", "eval.max_new_tokens": "16", "eval.batch_size": "2"}
-    monkeypatch.setenv("TUNIX_SFT_PRESET", "cpu-tiny")
+    monkeypatch.setenv("TUNIX_SFT_PRESET", preset)
     monkeypatch.setenv("TUNIX_SFT_OVERRIDES", json.dumps(overrides))
     monkeypatch.setenv("TUNIX_SFT_REPO_DIR", str(REPO_DIR))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
@@ -68,14 +70,14 @@ def test_notebook_runs_top_to_bottom_on_cpu_tiny_and_the_judges_cells_evaluate_i
                        (BEFORE_THE_JUDGES, SINGLE_SESSION, MAKE_SAMPLER, EVALUATE, AFTER_THE_JUDGES)]
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
-    run_dir = tmp_path / "runs" / "cpu-tiny"
+    run_dir = tmp_path / "runs" / preset
     assert (run_dir / "actor" / "8" / "model_params").is_dir()
     assert json.loads((run_dir / "run_summary.json").read_text())["steps"] == 8
     assert (run_dir / "eval" / "report.md").is_file()
     samples = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2
-    variation = tmp_path / "exports" / "cpu-tiny"
-    assert (variation / "gemma2-2b-it" / "_CHECKPOINT_METADATA").is_file()
+    variation = tmp_path / "exports" / preset
+    assert (variation / merged_folder / "_CHECKPOINT_METADATA").is_file()
     assert (variation / "tokenizer.model").is_file() and (variation / "actor" / "8" / "model_params").is_dir()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "final checkpoint:" in outputs

@@ -463,17 +463,19 @@ def test_a_multi_session_plan_continues_over_three_sessions(tiny_run_dir, tiny_d
 # ----------------------------------------------------------------------------- the gpu preset
 
 
-def test_gpu_preset_is_the_kaggle_run_on_one_gpu():
-    """What `python train_sft.py --preset gpu --max-steps 2` parses and validates."""
-    cfg, _ = rundir.settings_from_argv(["--preset", "gpu", "--max-steps", "2"], "train_sft", "doc")
-    kaggle = config.get_config("kaggle")
+@pytest.mark.parametrize("gpu, tpu, name", [("gpu", "kaggle", "gemma2-2b-it"),
+                                            ("gpu-gemma3", "kaggle-gemma3", "gemma3-1b-it")])
+def test_gpu_preset_is_the_kaggle_run_on_one_gpu(gpu, tpu, name):
+    """What `python train_sft.py --preset gpu --max-steps 2` (or gpu-gemma3) parses and validates."""
+    cfg, _ = rundir.settings_from_argv(["--preset", gpu, "--max-steps", "2"], "train_sft", "doc")
+    kaggle = config.get_config(tpu)
     kernel_free = {"remat": None, "attention": None}
     assert {**vars(cfg.model), **kernel_free} == {**vars(kaggle.model), **kernel_free}  # the same model ...
     assert cfg.model.remat == "block"  # ... with the remat its memory estimate assumes
     assert cfg.model.attention == "xla"  # ... and XLA's attention: splash is a TPU kernel
     assert (cfg.lora, cfg.optim, cfg.eval) == (kaggle.lora, kaggle.optim, kaggle.eval)
     assert {**vars(cfg.data), "out_dir": None} == {**vars(kaggle.data), "out_dir": None}  # same rows and windows
-    assert (cfg.model.name, cfg.model.dtype) == ("gemma2-2b-it", "bfloat16")
+    assert (cfg.model.name, cfg.model.dtype) == (name, "bfloat16")
     assert (cfg.run.mesh_fsdp, cfg.run.mesh_tp, cfg.run.micro_batch, cfg.run.grad_accum) == (1, 1, 4, 8)
     assert cfg.effective_batch == kaggle.effective_batch == 32
     assert cfg.run.time_budget_min == 0 and cfg.run.max_steps == 2
