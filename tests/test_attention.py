@@ -161,6 +161,7 @@ def test_decoding_with_a_cache_is_tunix_own_attention(full_window_model, monkeyp
     assert outputs() == swapped and any(swapped)
 
 
+@pytest.mark.slow  # a whole short run with the kernel interpreted; the exactness tests above run by default
 def test_cpu_tiny_learns_with_splash_as_with_tunix_attention(tiny_run_dir, tiny_data_dir, tmp_path):
     """The short cpu-tiny run (windows of 512 = its sliding window, so Tunix's attention is exact there) gives the
     same loss curve with the splash kernel."""
