@@ -41,6 +41,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax._src.lib import _jax  # noqa: E402
+from jaxlib import _hlo  # noqa: E402
 from tunix.models.gemma import model as gemma_lib  # noqa: E402
 from tunix.sft import sharding_utils  # noqa: E402
 from tunix.utils import sharding_utils as model_sharding_utils  # noqa: E402  (Gemma3's shard())
@@ -213,23 +215,149 @@ def splash_kernel_cost(cfg: Config, n_chips: int) -> tuple[float, float]:
     return flops, elements * itemsize
 
 
+# An optimized module's text: computations, each a header line ending in "{" and one instruction a line.
+COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}$", re.M | re.S)
+INSTRUCTION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*?)\)(.*)$", re.M)
+
+
+class Instruction(NamedTuple):
+    opcode: str
+    operands: list[str]
+    attributes: str
+
+
+class Computation(NamedTuple):
+    root: str
+    instructions: dict[str, Instruction]
+
+
+def parse_hlo(text: str) -> dict[str, Computation]:
+    """The computations of an optimized module's text, with what loop_trips needs of their instructions."""
+    computations = {}
+    for name, lines in COMPUTATION.findall(text):
+        found = INSTRUCTION.findall(lines)
+        computations[name] = Computation(next(n for root, n, *_ in found if root), {
+            n: Instruction(op, re.findall(r"%?([\w.\-]+)", operands), attrs) for _, n, op, operands, attrs in found})
+    return computations
+
+
+def called(loop: Instruction, key: str) -> str:
+    return re.search(rf"\b{key}=%?([\w.\-]+)", loop.attributes)[1]
+
+
+def loop_trips(computations: dict[str, Computation], parent: str, loop: Instruction) -> int | None:
+    """A while loop's trip count: XLA's ``known_trip_count`` where it is annotated (the CPU's HLO), else read from
+    the loop as the TPU's HLO leaves it: a counter, started at a constant and stepped by a constant, that the
+    condition compares with a constant (``<``). None for any other loop."""
+    if known := re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes):
+        return int(known[1])
+    condition, body = computations[called(loop, "condition")], computations[called(loop, "body")]
+
+    def op(comp: Computation, name: str) -> Instruction:
+        """The instruction, with the CPU's one-op fusions (``wrapped_add``) seen through and copies skipped."""
+        found = comp.instructions[name]
+        if found.opcode == "copy":
+            return op(comp, found.operands[0])
+        if found.opcode != "fusion":
+            return found
+        inner = computations[called(found, "calls")]
+        params = {n: int(i.operands[0]) for n, i in inner.instructions.items() if i.opcode == "parameter"}
+        root = inner.instructions[inner.root]
+        if not all(n in params for n in root.operands):
+            return found
+        return Instruction(root.opcode, [found.operands[params[n]] for n in root.operands], root.attributes)
+
+    def constant(comp: Computation, name: str) -> int | None:
+        found = op(comp, name)
+        return int(found.operands[0]) if found.opcode == "constant" and re.fullmatch(r"-?\d+", found.operands[0]) \
+            else None
+
+    def counter(comp: Computation, name: str) -> int | None:
+        found = op(comp, name)
+        return int(re.search(r"index=(\d+)", found.attributes)[1]) if found.opcode == "get-tuple-element" else None
+
+    compare = op(condition, condition.root)
+    if compare.opcode != "compare" or "direction=LT" not in compare.attributes:
+        return None
+    index, limit = counter(condition, compare.operands[0]), constant(condition, compare.operands[1])
+    init = op(computations[parent], loop.operands[0])
+    if index is None or init.opcode != "tuple":
+        return None
+    start = constant(computations[parent], init.operands[index])
+    step = op(body, op(body, body.root).operands[index])
+    by = constant(body, step.operands[1]) if step.opcode == "add" and counter(body, step.operands[0]) == index \
+        else None
+    if None in (limit, start, by) or by <= 0:
+        return None
+    return max(0, -(-(limit - start) // by))
+
+
+def cost_with_loop_trips(compiled: Any) -> dict[str, float]:
+    """FLOPs and bytes accessed of the compiled step with every while loop's body counted once per trip (the
+    chunked loss's scans, the windowed einsums' all-gather loops): XLA's ``cost_analysis()`` counts a body once
+    whatever its trips. Each body is costed by XLA's own ``HloCostAnalysis``, run (with the CPU client) on the
+    optimized module with that body as its entry. A loop whose trip count cannot be read stays counted once;
+    ``unknown_loops`` says how many."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    once = np.array([float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed")])
+    text = compiled.as_text()
+    computations = parse_hlo(text)
+    client = jax.devices("cpu")[0].client
+    unknown = 0
+    # The body's module keeps only the computations the body calls (the whole step's text is tens of MB).
+    blocks = {m[1]: m[0].removeprefix("ENTRY ") for m in COMPUTATION.finditer(text)}
+    calls = {name: set(re.findall(r"%([\w.\-]+)", block)) & blocks.keys() - {name} for name, block in blocks.items()}
+    header = re.sub(r"^HloModule [^\n]*", "HloModule loop_body", text[:COMPUTATION.search(text).start()], count=1)
+
+    def cost_of(body: str) -> np.ndarray:
+        keep, todo = set(), [body]
+        while todo:
+            keep.add(name := todo.pop())
+            todo.extend(calls[name] - keep)
+        module = header + "\n".join(("ENTRY " if name == body else "") + block
+                                     for name, block in blocks.items() if name in keep)
+        body_cost = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(module))
+        return np.array([float(body_cost.get(k, 0.0)) for k in ("flops", "bytes accessed")])
+
+    def beyond_once(parent: str) -> np.ndarray:
+        """(FLOPs, bytes) that parent's loops, nested ones included, run beyond the one trip counted of each."""
+        nonlocal unknown
+        total = np.zeros(2)
+        for loop in computations[parent].instructions.values():
+            if loop.opcode != "while":
+                continue
+            trips = loop_trips(computations, parent, loop)
+            if trips is None:
+                unknown += 1
+                continue
+            body, body_once = called(loop, "body"), cost_of(called(loop, "body"))
+            total += trips * (body_once + beyond_once(body)) - body_once
+        return total
+
+    bodies = {called(loop, "body") for comp in computations.values() for loop in comp.instructions.values()
+              if loop.opcode == "while"}
+    flops, bytes_accessed = once + sum((beyond_once(name) for name in computations if name not in bodies), np.zeros(2))
+    return {"flops": flops, "bytes accessed": bytes_accessed, "once_flops": once[0], "once_bytes": once[1],
+            "unknown_loops": unknown}
+
+
 def fit_report(cfg: Config, compiled: Any, chip: Chip | None, n_chips: int) -> dict[str, float]:
     """Per chip: memory of the compiled step, its cost, and the lower bounds on its time at the chip's peak; of
     a step that does not fit, the temporaries it needed and the HBM available."""
     tokens = cfg.run.micro_batch * cfg.data.max_len
-    # Useful work, without remat's recomputed forward: cost_analysis undercounts windowed-einsum matmuls.
+    # Useful work, without remat's recomputed forward.
     model_flops = model.flops_per_token(cfg.model, cfg.data.max_len) * tokens / n_chips
     if isinstance(compiled, DoesNotFit):
         return {"temporaries": compiled.temporaries, "available": compiled.available, "model_flops": model_flops}
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = cost_with_loop_trips(compiled)
     row = {
         "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
         "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
         "code": mem.generated_code_size_in_bytes,
-        "compiled_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "model_flops": model_flops,
+        "compiled_flops": cost["flops"], "bytes_accessed": cost["bytes accessed"], "once_bytes": cost["once_bytes"],
+        "unknown_loops": cost["unknown_loops"], "model_flops": model_flops,
     }
     row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"] + row["code"]
     if cfg.model.attention == "splash":
@@ -258,7 +386,9 @@ def markdown_row(cfg: Config, target: str, row: dict[str, float], seconds: dict[
         gib["temporaries"] = f"{gib['temporaries']} (needed)"
         gib["headroom"] = f"does not fit ({row['available'] / GIB:.2f} available)"
     tera = {k: f"{row[k] / 1e12:.2f}" if k in row else "-" for k in ("compiled_flops", "model_flops")}
-    gb_accessed = f"{row['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in row else "-"
+    gb_accessed = "-" if "bytes_accessed" not in row else \
+        f"{row['bytes_accessed'] / 1e9:.1f} ({row['once_bytes'] / 1e9:.1f} with loop bodies once" + \
+        (f", {row['unknown_loops']} loops of unknown trips once)" if row["unknown_loops"] else ")")
     if "kernel_flops" in row and "bytes_accessed" in row:  # the splash kernels' own, analytic (splash_kernel_cost)
         tera["compiled_flops"] += f" + {row['kernel_flops'] / 1e12:.2f} kernel"
         gb_accessed += f" + {row['kernel_bytes'] / 1e9:.1f} kernel"
@@ -338,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"{row['available'] / GIB:.2f} GiB the chip has for them")
     else:
         print(f"compiled {row['compiled_flops']:.3e} FLOP, model {row['model_flops']:.3e} FLOP, "
-              f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step; "
+              f"{row['bytes_accessed']:.3e} bytes accessed per chip per micro-step, loops counted per trip "
+              f"({row['once_bytes']:.3e} with each body once; {row['unknown_loops']} loops of unknown trips); "
               + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     if "kernel_flops" in row:
         print(f"splash kernels (analytic, not in XLA's count): {row['kernel_flops']:.3e} FLOP, "

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from conftest import REPO
 from flax import nnx
@@ -101,3 +104,55 @@ def test_dry_run_shards_over_8_cpu_devices(tmp_path, eight_devices):
     assert row["arguments"] < 4 * model.count_params(lora_model) / 2
     assert row["model_flops"] == model.flops_per_token(cfg.model, 64) * 8 * 64 / 8
     assert "| cpu x8 | cpu-tiny |" in (tmp_path / "results.md").read_text()
+
+
+def scan_of(trips: int, inner: int = 0):
+    """A compiled scan whose body is a [64, 256] x [256, 256] matmul (after inner trips of its own, if any)."""
+
+    def step(x, w):
+        def body(c, _):
+            if inner:
+                c = jax.lax.scan(lambda d, _: (jnp.tanh(d @ w), None), c, None, length=inner)[0]
+            return jnp.tanh(c @ w), None
+
+        return jax.lax.scan(body, x, None, length=trips)[0].sum()
+
+    return jax.jit(step).lower(jnp.ones((64, 256)), jnp.ones((256, 256))).compile()
+
+
+def test_the_bound_counts_a_loop_body_once_per_trip():
+    """XLA's cost_analysis() counts a while body once: a scan of 16 and one of 4 cost the same to it."""
+    tpu_fit = load_tpu_fit()
+    cfg = tpu_fit.get_config("cpu-tiny", {"data.max_len": "16", "run.micro_batch": "1"})
+    chip = tpu_fit.CHIPS["TPU v5 lite"]
+    short, long = (tpu_fit.fit_report(cfg, scan_of(trips), chip, 1) for trips in (4, 16))
+    assert 3.5 < long["step_s"] / short["step_s"] < 4.0  # the body dominates; the rest runs once
+    assert short["once_bytes"] == long["once_bytes"]  # what the bound used to read
+    assert long["step_s"] == long["memory_s"] and short["step_s"] == short["memory_s"]
+    assert 3.9 < long["compiled_flops"] / short["compiled_flops"] < 4.0
+    matmul = 2 * 64 * 256 * 256
+    nested = tpu_fit.cost_with_loop_trips(scan_of(3, inner=5))
+    assert 18 * matmul <= nested["flops"] < 18.1 * matmul  # 3 x (5 + 1) matmuls
+    assert nested["unknown_loops"] == 0
+
+
+def test_trip_counts_are_read_where_xla_does_not_annotate_them():
+    """The TPU's optimized HLO drops known_trip_count: the counter, its start, step and limit give the trips."""
+    tpu_fit = load_tpu_fit()
+    compiled = scan_of(3, inner=5)
+
+    class Unannotated(NamedTuple):
+        cost_analysis: Any
+        as_text: Any
+
+    text = re.sub(r',"known_trip_count":\{"n":"\d+"\}', "", compiled.as_text())
+    assert "known_trip_count" not in text
+    read = tpu_fit.cost_with_loop_trips(Unannotated(compiled.cost_analysis, lambda: text))
+    assert read == tpu_fit.cost_with_loop_trips(compiled)
+    computations = tpu_fit.parse_hlo(text)
+    loops = [(name, loop) for name, comp in computations.items() for loop in comp.instructions.values()
+             if loop.opcode == "while"]
+    assert sorted(tpu_fit.loop_trips(computations, name, loop) for name, loop in loops) == [3, 5]
+    # A loop whose limit is not a constant is counted once and said to be.
+    unknown = re.sub(r"constant\(5\)", "parameter(1)", text, count=1)
+    assert tpu_fit.cost_with_loop_trips(Unannotated(compiled.cost_analysis, lambda: unknown))["unknown_loops"] == 1
