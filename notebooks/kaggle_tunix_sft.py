@@ -46,8 +46,8 @@
 #   `ceil(epochs x windows / batch)`, cut to what the time budget allows after timing the first steps,
 #   and the LR schedule follows the cut so that it still ends decayed.
 # - **Mesh**: 8-way FSDP over the v5e-8 (Gemma2-2B's 4 KV heads cannot split 8 ways for tensor
-#   parallelism). No rematerialisation: with the chunked loss the step needs 14.2 of the 16 GiB per
-#   chip (compiled ahead of time for a v5e-8, `benchmarks/results_tpu_fit.md`).
+#   parallelism). No rematerialisation: with splash attention and the chunked loss the step fits a chip's
+#   16 GiB with 1.5 GiB to spare (compiled ahead of time for a v5e-8, `benchmarks/results_tpu_fit.md`).
 # - **Checkpoints**: orbax, every 200 steps and every 30 minutes, plus one at the end, each at
 #   `CKPT_DIR/actor/<step>/` (`model_params`: the LoRA weights; beside them the optimizer state and the data
 #   position); a re-run of the notebook resumes from the last one.

@@ -68,7 +68,7 @@ def test_a_step_the_compiler_finds_too_big_is_a_row_that_says_so():
     cfg = tpu_fit.get_config("kaggle", {"run.micro_batch": "32", "run.grad_accum": "1"})
     row = tpu_fit.fit_report(cfg, too_big, tpu_fit.CHIPS["TPU v5 lite"], 8)
     line = tpu_fit.markdown_row(cfg, "v5e:2x4", row, {"compile_s": 60.0}, "python benchmarks/tpu_fit.py")
-    assert "| 32 x 2048 x 1 | chunks of 512 | - | - | - | 27.63 (needed) | - | **-** | " in line
+    assert f"| 32 x 2048 x 1 | {tpu_fit.loss_name(cfg)} | - | - | - | 27.63 (needed) | - | **-** | " in line
     assert "**does not fit (15.75 available)**" in line
 
 
