@@ -471,17 +471,25 @@ def check_writable_dir(path: str | Path, flag: str) -> None:
     bits do not tell: as root, os.access says yes under /proc, where nothing can be created."""
     path = Path(path).expanduser()
     missing = [p for p in (path, *path.parents) if not _exists(p)]  # deepest first
-    if not missing and not path.is_dir():
+    # Each fact is looked up again where it is used: another process checking the same path (the hosts of one run)
+    # may create and remove the folders in between.
+    if _exists(path) and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file, not a directory: pass a directory")
-    existing = next(p for p in (path, *path.parents) if p not in missing)
+    existing = next(p for p in (path, *path.parents) if _exists(p))
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path} is not writable (no write permission on {existing}): pass a writable "
                           "directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        for attempt in range(3):  # a folder another process's check created may vanish under this one's probe
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                handle, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         os.close(handle)
         os.unlink(probe)
     except OSError as err:
