@@ -56,6 +56,7 @@ from tunix.sft import hooks, metrics_logger, peft_trainer
 
 import data_prep
 from chat_format import check_format
+from kaggle_weights import load_tokenizer
 from model import (
     build_model,
     build_sampler,
@@ -649,7 +650,7 @@ def prepare_run(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path
         raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
                           f"{jax.process_count()} processes by its own clock, at different steps: pass "
                           "--time-budget-min 0 (and --max-steps N to end earlier)")
-    data_prep.load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
+    load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
     if first:
         data_dir = data_dir or data_prep.prepare(cfg)
         resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
@@ -701,7 +702,7 @@ def resume_plan(trainer: SFTTrainer, plan: StepPlan, run_dir: Path) -> int:
 def make_format_probe(cfg: Config, model: nnx.Module, data_dir: Path) -> FormatProbe | None:
     if not cfg.eval.generate_every:
         return None
-    return FormatProbe(cfg, model, data_prep.load_tokenizer(cfg.model),
+    return FormatProbe(cfg, model, load_tokenizer(cfg.model),
                        held_out_prompts(data_dir, cfg.eval.generate_prompts),
                        data_prep.resolve_max_new_tokens(cfg, data_dir))
 

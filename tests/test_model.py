@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 import config
-import data_prep
 import export
 import kaggle_weights
 import model
@@ -330,7 +329,7 @@ def test_a_lora_regex_that_matches_no_projection_stops_before_the_build(monkeypa
 def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_tokenizer_far_too_small():
     """Gemma's 128 padding rows are masked; a 2,048-piece tokenizer on the 256,128-row embedding is refused at
     once (Tunix's Sampler would spend its compile on 254,080 forbidden ids and run out of memory)."""
-    tokenizer = data_prep.load_tokenizer(config.get_config("cpu-tiny").model)
+    tokenizer = kaggle_weights.load_tokenizer(config.get_config("cpu-tiny").model)
     pieces = tokenizer.get_piece_size()
 
     def ids(vocab: int) -> range:
