@@ -62,11 +62,12 @@ def test_gemma3_rows_longer_than_the_sliding_window_stay_exact_when_packed(tiny_
     tokens = np.concatenate([*rows, np.zeros(pad, int)])[None].astype(np.int32)
     segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
     positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None].astype(np.int32)
-    logits, _ = tiny_gemma3_model(tokens, positions, None, model.packed_attention_mask(segments))
+    forward = nnx.jit(lambda m, tokens, positions, mask: m(tokens, positions, None, mask)[0])  # compiles per shape
+    logits = forward(tiny_gemma3_model, tokens, positions, model.packed_attention_mask(segments))
 
     def alone(row: np.ndarray) -> np.ndarray:
         mask = model.packed_attention_mask(np.ones((1, len(row)), np.int32))
-        return np.asarray(tiny_gemma3_model(row[None].astype(np.int32), np.arange(len(row))[None], None, mask)[0][0])
+        return np.asarray(forward(tiny_gemma3_model, row[None].astype(np.int32), np.arange(len(row))[None], mask)[0])
 
     starts = np.cumsum([0, *lengths])
     for row, start in zip(rows, starts, strict=False):
