@@ -45,8 +45,8 @@ from chat_format import (
     rewrite_response,
     rewrite_with_reason,
 )
-from config import Config, ConfigError, DataConfig, ModelConfig, model_sizes
-from kaggle_weights import kaggle_model_dir
+from config import Config, ConfigError, DataConfig
+from kaggle_weights import load_tokenizer, tokenizer_file
 from rundir import local_source, settings_from_argv
 
 if __name__ == "__main__":  # settings and paths first: a bad one stops in about a second, before the imports below
@@ -79,35 +79,6 @@ GENERATION_BUDGET_STEP = 128
 
 
 # ----------------------------------------------------------------------------- 3. tokenizer
-
-def tokenizer_file(model_cfg: ModelConfig) -> Path:
-    """``--model.tokenizer_path`` if set, else the sentencepiece model of the Kaggle download."""
-    if model_cfg.tokenizer_path:
-        return Path(model_cfg.tokenizer_path).expanduser()
-    return kaggle_model_dir(model_cfg) / "tokenizer.model"
-
-
-# Embedding rows past the tokenizer's pieces that a model's own tokenizer leaves: Tunix pads Gemma2's 256,000
-# pieces to 256,128 rows; Gemma3's 262,144 pieces fill its rows exactly.
-EMBEDDING_PADDING = 128
-
-
-def load_tokenizer(model_cfg: ModelConfig) -> spm.SentencePieceProcessor:
-    """Gemma's sentencepiece model, checked for the `<end_of_turn>` piece every completion ends with and to be the
-    model's own by its size (Gemma2's 256,000 pieces, Gemma3's 262,144, or the tiny model's vocab_size)."""
-    path = tokenizer_file(model_cfg)
-    if not path.is_file():
-        raise ConfigError(f"tokenizer {path} does not exist: set --model.tokenizer_path")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    if sp.piece_to_id(END_OF_TURN) == sp.unk_id():
-        raise ConfigError(f"tokenizer {path} has no {END_OF_TURN} piece: use a Gemma tokenizer")
-    pieces, rows = sp.get_piece_size(), model_sizes(model_cfg)["vocab_size"]
-    if not 0 <= rows - pieces <= EMBEDDING_PADDING:
-        raise ConfigError(f"tokenizer {path} has {pieces} pieces but {model_cfg.name}'s embedding has {rows} rows: "
-                          f"use {model_cfg.name}'s own tokenizer (--model.tokenizer_path, or leave it empty for the "
-                          f"one in its Kaggle download)")
-    return sp
-
 
 # Gemma's ids 4..105 (<mask>, <2mass>, [@BOS@], <unused0..98>), so that the turn markers land on 106 and 107.
 GEMMA_FILLER_PIECES = ["<mask>", "<2mass>", "[@BOS@]"] + [f"<unused{i}>" for i in range(99)]

@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 
 import data_prep
 from chat_format import check_format
+from kaggle_weights import load_tokenizer
 from model import build_model, evaluate_loss, generate, make_mesh
 
 PROMPTS_PATH = ASSETS_DIR / "eval_prompts.jsonl"
@@ -282,7 +283,7 @@ def evaluate(cfg: Config, run_dir: Path, step: int | None = None, out_dir: Path 
              compare_base: bool = False, loss_only: bool = False) -> dict[str, dict]:
     """Evaluates the LoRA of run_dir (and the base model), writes the outputs and returns the summary."""
     step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
-    tokenizer = data_prep.load_tokenizer(cfg.model)  # it must fit the model's embedding: checked before the build
+    tokenizer = load_tokenizer(cfg.model)  # it must fit the model's embedding: checked before the build
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         model = build_model(cfg, mesh)

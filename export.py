@@ -39,9 +39,8 @@ from safetensors.numpy import save_file
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma3 import model as gemma3_lib
 
-import data_prep
 from chat_format import END_OF_TURN, GEMMA_CHAT_TEMPLATE
-from kaggle_weights import checkpoint_folder_names
+from kaggle_weights import checkpoint_folder_names, load_tokenizer, tokenizer_file
 from model import Params, build_model, gemma_config, make_mesh, merged_params
 
 # Gemma derivatives are published under the Gemma terms.
@@ -118,7 +117,7 @@ def write_orbax(params: Params, cfg: Config, run_dir: Path, step: int, out_dir: 
     shutil.copytree(lora, out_dir / "actor" / str(step) / "model_params")
     path = (out_dir / checkpoint_folder_names(cfg.model)[0]).resolve()
     save_kaggle_checkpoint(params, path, model_family(cfg.model))
-    shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
+    shutil.copy(tokenizer_file(cfg.model), out_dir / "tokenizer.model")
     return path
 
 
@@ -200,7 +199,7 @@ def hf_config(mc: gemma_lib.ModelConfig | gemma3_lib.ModelConfig, dtype: str, sp
 def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
     """config.json, generation_config.json, model.safetensors and the tokenizer files with Gemma's chat template."""
     mc = gemma_config(cfg.model)
-    sp = data_prep.load_tokenizer(cfg.model)
+    sp = load_tokenizer(cfg.model)
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
     out_dir.mkdir(parents=True, exist_ok=True)
     config_json = hf_config(mc, cfg.model.dtype, ids)
@@ -211,7 +210,7 @@ def write_hf(params: Params, cfg: Config, out_dir: Path) -> Path:
     generation = {"bos_token_id": ids["bos"], "pad_token_id": ids["pad"], "do_sample": False,
                   "eos_token_id": [ids["eos"], sp.piece_to_id(END_OF_TURN)]}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    shutil.copy(data_prep.tokenizer_file(cfg.model), out_dir / "tokenizer.model")
+    shutil.copy(tokenizer_file(cfg.model), out_dir / "tokenizer.model")
     # The tokenizer's own piece names (<bos>, <eos>, ... in Gemma's), so the template's text maps to their ids.
     special = {f"{name}_token": sp.id_to_piece(i) for name, i in {**ids, "unk": sp.unk_id()}.items()}
     tokenizer_config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
@@ -260,7 +259,7 @@ def export(cfg: Config, run_dir: Path, fmt: str, out_dir: Path, step: int | None
         raise ConfigError(f"--format {fmt!r} is unknown: use {' or '.join(EXPORT_FORMATS)}")
     check_export_dir(out_dir, fmt, upload_model)
     step = checkpoint_step(run_dir, step)  # resolved once, before any heavy work
-    data_prep.load_tokenizer(cfg.model)  # the tokenizer the export ships must fit the model: checked before the build
+    load_tokenizer(cfg.model)  # the tokenizer the export ships must fit the model: checked before the build
     params = load_merged(cfg, run_dir, step)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an earlier export (check_export_dir): no file of it is left to mix with this one

@@ -5,4 +5,5 @@ cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q -W ignore::DeprecationWarning "$@"
+# Two workers, each taking whole files (their session fixtures are built once per worker), longest first (conftest.py).
+.venv/bin/python -m pytest -q -n 2 --dist loadfile -W ignore::DeprecationWarning "$@"

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import statistics
 import sys
@@ -56,6 +57,7 @@ from tunix.sft import hooks, metrics_logger, peft_trainer
 
 import data_prep
 from chat_format import check_format
+from kaggle_weights import load_tokenizer
 from model import (
     build_model,
     build_sampler,
@@ -140,8 +142,11 @@ class MetricsLog:
 
     def __init__(self, path: Path | None):
         self.handle = None if path is None else path.open("a")
-        if path is not None and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n":
-            self.handle.write("\n")
+        if self.handle is not None and self.handle.tell() > 0:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self.handle.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.handle is not None:
@@ -360,8 +365,8 @@ class FormatProbe:
         """Every ``eval.generate_every`` steps from step 0, and at the end; never twice at one step."""
         return step != self.last_step and (final or step % self.every == 0)
 
-    def run(self, step: int, clock: Callable[[], float]) -> dict[str, Any]:
-        """Generates for the prompts, prints a line and returns the step's metrics record."""
+    def run(self, step: int, clock: Callable[[], float]) -> dict[str, float]:
+        """Generates for the prompts, prints a line and returns the measures (the seconds it took: last_seconds)."""
         began = clock()
         records = generate(self.model, self.tokenizer, self.prompts, self.ecfg, "train", sampler=self.sampler,
                            show_progress=False)
@@ -373,7 +378,7 @@ class FormatProbe:
         print(f"step {step}: {sum(well_formed)}/{len(records)} held-out generations well-formed, "
               f"{sum(r['truncated'] for r in records)} truncated, {metrics['generated_tokens_mean']:.0f} tokens "
               f"on average ({self.last_seconds:.1f} s)")
-        return {"step": step, "loss": None, **metrics, "generate_s": self.last_seconds}
+        return metrics
 
 
 # ----------------------------------------------------------------------------- the trainer's hooks
@@ -406,11 +411,11 @@ class RunHooks(hooks.TrainingHooks):
         if (self.probe is None or not self.probe.due(step, final) or self.budget.stop_requested
                 or not self.budget.has_time_for(self.probe.last_seconds)):
             return 0.0  # not due, SIGTERM (the final checkpoint comes first), or no time left for it
-        record = self.probe.run(step, self.budget.clock)
-        for name in ("format_compliance", "truncation_rate", "generated_tokens_mean"):
-            train_ctx.metrics_logger.log("", name, record[name], "eval", step)
-        self.metrics.write(record)
-        return record["generate_s"]
+        measures = self.probe.run(step, self.budget.clock)
+        for name, value in measures.items():
+            train_ctx.metrics_logger.log("", name, value, "eval", step)
+        self.metrics.write({"step": step, "loss": None, **measures, "generate_s": self.probe.last_seconds})
+        return self.probe.last_seconds
 
     def on_train_start(self, train_ctx):
         self.budget.start_training()
@@ -601,6 +606,7 @@ def train(cfg: Config, data_dir: Path | None = None, started: float | None = Non
 
 def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path | None, started: float,
                   clock: Callable[[], float]) -> dict[str, Any]:
+    first = lock is not None  # process 0: it holds the lock and alone writes the run's files
     data_dir, init_step = prepare_run(cfg, run_dir, lock, data_dir)
     mesh = make_mesh(cfg)
     with mesh, compilation_cache(compile_cache_dir(cfg, run_dir)):
@@ -616,7 +622,7 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
         session_start_step = resume_plan(trainer, plan, run_dir)
         budget = TimeBudget(started + cfg.run.time_budget_min * 60 if cfg.run.time_budget_min else None,
                             cfg.run.save_reserve_s, clock, started, trainer.restored_metadata.get("save_s"))
-        metrics = MetricsLog(run_dir / "metrics.jsonl" if jax.process_index() == 0 else None)
+        metrics = MetricsLog(run_dir / "metrics.jsonl" if first else None)
         probe = make_format_probe(cfg, model, data_dir)
         run_hooks = RunHooks(cfg, plan, budget, metrics, probe)
         feeder = connect_run(trainer, cfg, data_dir, mesh, plan, budget, run_hooks)
@@ -625,12 +631,12 @@ def _train_locked(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Pa
         finally:
             metrics.close()
 
-    if lock is not None:
+    if first:
         keep_newest_checkpoints(run_dir, cfg.run.checkpoints_to_keep)
     records = read_metrics(run_dir / "metrics.jsonl")
     summary = run_summary(cfg, run_dir, trainer, plan, budget, records, windows, data_steps, session_start_step,
                           compile_log, clock)
-    if jax.process_index() == 0:
+    if first:
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(records, run_dir / "loss_curve.png")
     if cfg.run.multi_session and not summary["plan_done"]:
@@ -649,7 +655,7 @@ def prepare_run(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path
         raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
                           f"{jax.process_count()} processes by its own clock, at different steps: pass "
                           "--time-budget-min 0 (and --max-steps N to end earlier)")
-    data_prep.load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
+    load_tokenizer(cfg.model)  # the model's tokenizer must fit its embedding: checked before the build
     if first:
         data_dir = data_dir or data_prep.prepare(cfg)
         resume_step = newest_good_step(run_dir, set_aside_damaged=True, lock=lock)
@@ -701,7 +707,7 @@ def resume_plan(trainer: SFTTrainer, plan: StepPlan, run_dir: Path) -> int:
 def make_format_probe(cfg: Config, model: nnx.Module, data_dir: Path) -> FormatProbe | None:
     if not cfg.eval.generate_every:
         return None
-    return FormatProbe(cfg, model, data_prep.load_tokenizer(cfg.model),
+    return FormatProbe(cfg, model, load_tokenizer(cfg.model),
                        held_out_prompts(data_dir, cfg.eval.generate_prompts),
                        data_prep.resolve_max_new_tokens(cfg, data_dir))
 

@@ -30,6 +30,7 @@ from judges_procedure import EVALUATE, MAKE_SAMPLER, run_cells  # noqa: E402
 import config  # noqa: E402
 import data_prep  # noqa: E402
 import eval_samples  # noqa: E402
+import kaggle_weights  # noqa: E402
 from chat_format import END_OF_TURN, PROMPT_TEMPLATE, check_format, tokens_after_answer  # noqa: E402
 
 RESULTS_PATH = Path(__file__).with_name("results_stop_tokens.md")
@@ -57,7 +58,7 @@ def measure(cfg: config.Config, run_dir: Path, data_dir: Path) -> dict[str, dict
 
     budget = data_prep.resolve_max_new_tokens(cfg, data_dir)
     prompts = eval_samples.eval_prompts(cfg, data_dir)
-    tokenizer = data_prep.load_tokenizer(cfg.model)
+    tokenizer = kaggle_weights.load_tokenizer(cfg.model)
     mesh = make_mesh(cfg)
     with jax.set_mesh(mesh):
         lora_policy = build_model(cfg, mesh)

@@ -292,7 +292,7 @@ def judges_kernel(args: argparse.Namespace) -> dict:
     with jax.set_mesh(mesh):
         lora_policy = model.build_model(cfg, mesh)
     return {"os": os, "jax": jax, "nnx": nnx, "ocp": ocp, "sampler_lib": sampler_lib, "lora_policy": lora_policy,
-            "CKPT_DIR": str((Path(args.work) / "run").resolve()), "tokenizer": data_prep.load_tokenizer(cfg.model),
+            "CKPT_DIR": str((Path(args.work) / "run").resolve()), "tokenizer": kaggle_weights.load_tokenizer(cfg.model),
             "model_config": lora_policy.config, "MAX_PROMPT_LENGTH": data_prep.prompt_budget(cfg.data),
             "MAX_GENERATION_STEPS": cfg.eval.max_new_tokens, "PROMPT_TEMPLATE": PROMPT_TEMPLATE,
             "INF_TEMPERATURE": 0, "INF_TOP_K": 1, "INF_TOP_P": None, "SEED": 42,

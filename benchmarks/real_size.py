@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_DIR))
 
 import config  # noqa: E402
 import data_prep  # noqa: E402
+import kaggle_weights  # noqa: E402
 import model  # noqa: E402
 import train_sft  # noqa: E402
 
@@ -158,7 +159,7 @@ def time_train_step(cfg: config.Config, mesh: jax.sharding.Mesh, warmup: int, st
 def time_sampler(cfg: config.Config, lora_model: nnx.Module) -> dict:
     """One sampler, built once; the first call compiles, the second is timed."""
     tokenizer_path = cfg.model.tokenizer_path or str(config.TINY_TOKENIZER_PATH)
-    tokenizer = data_prep.load_tokenizer(dataclasses.replace(cfg.model, tokenizer_path=tokenizer_path))
+    tokenizer = kaggle_weights.load_tokenizer(dataclasses.replace(cfg.model, tokenizer_path=tokenizer_path))
     rows = [json.loads(line) for line in SHIPPED_PROMPTS.read_text().splitlines() if line.strip()]
     prompts = [{"domain": row["domain"], "prompt": row["prompt"]} for row in rows[:cfg.eval.batch_size]]
     # No prepared data here: the derived budget is at most max_len (a kept row's completion is shorter).

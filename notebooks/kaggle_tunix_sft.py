@@ -116,6 +116,7 @@ from tunix.generate import sampler as sampler_lib
 import chat_format
 import config
 import data_prep
+import kaggle_weights
 import eval_samples
 import export
 import model
@@ -263,7 +264,7 @@ with jax.set_mesh(mesh):
     final_step = rundir.checkpoint_step(RUN_DIR)
     rundir.restore_lora(lora_policy, RUN_DIR, final_step)
 model_config = lora_policy.config
-tokenizer = data_prep.load_tokenizer(cfg.model)
+tokenizer = kaggle_weights.load_tokenizer(cfg.model)
 print(f"lora_policy: {cfg.model.name} + LoRA rank {cfg.lora.rank} at step {final_step} of {CKPT_DIR}/actor; "
       f"{model_config.num_layers} layers, {model_config.num_kv_heads} kv heads of {model_config.head_dim}")
 

@@ -15,7 +15,7 @@ from test_train_sft import read_metrics
 from tunix.models.gemma import model as gemma_lib
 
 import config
-import data_prep
+import kaggle_weights
 import model
 import train_sft
 import tunix_adapter
@@ -149,7 +149,7 @@ def test_decoding_with_a_cache_is_tunix_own_attention(full_window_model, monkeyp
     """The sampler (prefill and decode steps, with a KV cache) generates the same tokens with the swapped method
     as with Tunix's own."""
     cfg = splash_config(window=LENGTH, **{"eval.max_new_tokens": "12", "eval.batch_size": "2"})
-    tokenizer = data_prep.load_tokenizer(cfg.model)
+    tokenizer = kaggle_weights.load_tokenizer(cfg.model)
     prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}, {"domain": "other", "prompt": "Say hello."}]
 
     def outputs() -> list[str]:

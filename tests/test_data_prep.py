@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import Counter
@@ -80,27 +79,6 @@ def test_tiny_tokenizer_has_gemma_special_ids(sp: spm.SentencePieceProcessor) ->
 def test_tiny_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
     data_prep.build_tiny_tokenizer(config.SAMPLE_PATH, tmp_path / "tok.model")
     assert (tmp_path / "tok.model").read_bytes() == config.TINY_TOKENIZER_PATH.read_bytes()
-
-
-def test_load_tokenizer_rejects_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="does not exist"):
-        data_prep.load_tokenizer(config.ModelConfig(tokenizer_path=str(tmp_path / "none.model")))
-
-
-def test_a_tokenizer_that_does_not_fit_the_models_embedding_is_refused() -> None:
-    """The tokenizer must be the model's own by its size: as many pieces as embedding rows, or up to Tunix's 128
-    padding rows fewer (Gemma2's 256,000 pieces on 256,128 rows). Gemma2's tokenizer on Gemma3's 262,144 rows, or
-    Gemma3's on Gemma2's, is refused in one line."""
-    tiny = config.get_config("cpu-tiny").model
-    pieces = data_prep.load_tokenizer(tiny).get_piece_size()
-    for rows in (pieces, pieces + data_prep.EMBEDDING_PADDING):
-        assert data_prep.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows)).get_piece_size() == pieces
-    for rows in (pieces - 1, pieces + data_prep.EMBEDDING_PADDING + 1):
-        with pytest.raises(config.ConfigError, match=rf"has {pieces} pieces but tiny's embedding has {rows} rows"):
-            data_prep.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows))
-    with pytest.raises(config.ConfigError, match=rf"^tokenizer \S+ has {pieces} pieces but gemma3-1b-it's embedding "
-                                                 r"has 262144 rows: use gemma3-1b-it's own tokenizer"):
-        data_prep.load_tokenizer(config.ModelConfig(name="gemma3-1b-it", tokenizer_path=tiny.tokenizer_path))
 
 
 # ----------------------------------------------------------------------------- tokenize

@@ -9,6 +9,7 @@ import pytest
 import chat_format
 import data_prep
 import eval_samples
+import kaggle_weights
 import rundir
 from chat_format import check_format
 from config import ConfigError, get_config
@@ -129,7 +130,7 @@ def test_loss_only_report_has_losses_and_no_samples(tmp_path):
 
 
 def test_a_generation_is_checked_and_its_sections_measured_in_tokens():
-    tokenizer = data_prep.load_tokenizer(get_config("cpu-tiny").model)
+    tokenizer = kaggle_weights.load_tokenizer(get_config("cpu-tiny").model)
     sample = {"model": "tuned", "domain": "math", "prompt": "2 + 2?", "truncated": False, "generated_tokens": 20,
               "batch": 0, "tokens_per_s": 10.0}
     good = eval_samples.checked(sample | {"output": GOOD + "<end_of_turn>"}, tokenizer)
@@ -144,7 +145,7 @@ def test_a_generation_is_checked_and_its_sections_measured_in_tokens():
 
 def test_generate_with_the_tiny_model():
     cfg = get_config("cpu-tiny", {"eval.max_new_tokens": "16", "eval.batch_size": "2"})
-    tokenizer = data_prep.load_tokenizer(cfg.model)
+    tokenizer = kaggle_weights.load_tokenizer(cfg.model)
     mesh = make_mesh(cfg)
     prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}, {"domain": "other", "prompt": "Say hello."}]
     with jax.set_mesh(mesh):
@@ -219,7 +220,7 @@ def test_a_sampler_with_its_default_stop_token_stops_right_after_the_answer(tmp_
         "eval.generate_every": "0"})
     data_dir = data_prep.prepare(cfg, show_progress=False)
     train_sft.train(cfg, data_dir)
-    tokenizer = data_prep.load_tokenizer(cfg.model)
+    tokenizer = kaggle_weights.load_tokenizer(cfg.model)
     trained = [row.prompt for row in data_prep.process_rows(tokenizer, data_prep.read_source(cfg.data), cfg.data)
                if row.example is not None][:-1]  # the last kept row is held out
     budget = data_prep.resolve_max_new_tokens(cfg, data_dir)
@@ -248,7 +249,7 @@ def test_generation_stops_at_end_of_turn_for_either_model(each_tiny_model, tiny_
     from flax import nnx
 
     cfg = get_config(tiny_preset, {"eval.max_new_tokens": "8", "eval.batch_size": "1"})
-    tokenizer = data_prep.load_tokenizer(cfg.model)
+    tokenizer = kaggle_weights.load_tokenizer(cfg.model)
     prompts = [{"domain": "math", "prompt": "What is 2 + 2?"}]
     last = tokenizer.encode(chat_format.build_prompt(prompts[0]["prompt"]))[-1]
     end_of_turn = tokenizer.piece_to_id(chat_format.END_OF_TURN)

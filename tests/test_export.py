@@ -21,7 +21,6 @@ from tunix.models.gemma3 import params as gemma3_params
 
 import chat_format
 import config
-import data_prep
 import export
 import kaggle_weights
 import train_sft
@@ -152,7 +151,7 @@ def test_hf_export_matches_in_transformers(each_tiny_run_dir: Path, tiny_cfg: co
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], tokenize=False,
                                          add_generation_prompt=True)
-    sp = data_prep.load_tokenizer(tiny_cfg.model)
+    sp = kaggle_weights.load_tokenizer(tiny_cfg.model)
     assert text == tokenizer.bos_token + chat_format.build_prompt("Why is the sky blue?").replace(
         f"{chat_format.INSTRUCTION}\n\n", "")
     assert tokenizer(text, add_special_tokens=False).input_ids == [sp.bos_id(), *sp.encode(text.removeprefix(

@@ -10,6 +10,7 @@ from conftest import tiny_run_config
 from matplotlib.image import imread
 
 import config
+import kaggle_weights
 import model
 import train_sft
 import tunix_adapter
@@ -69,12 +70,11 @@ def test_held_out_prompts_are_the_first_n_and_an_empty_set_stops(tmp_path):
 def test_the_probe_skips_what_is_not_due_near_the_deadline_or_after_sigterm(tmp_path):
     from types import SimpleNamespace
 
-    import data_prep
 
     cfg = config.get_config("cpu-tiny", {"eval.generate_every": "5"})
     mesh = model.make_mesh(cfg)
     with mesh:
-        probe = train_sft.FormatProbe(cfg, model.build_model(cfg, mesh), data_prep.load_tokenizer(cfg.model),
+        probe = train_sft.FormatProbe(cfg, model.build_model(cfg, mesh), kaggle_weights.load_tokenizer(cfg.model),
                                       [{"domain": "held-out", "prompt": "What is 2 + 2?"}], max_new_tokens=8)
     clock = SimpleNamespace(now=1000.0)
     budget = train_sft.TimeBudget(None, cfg.run.save_reserve_s, lambda: clock.now)

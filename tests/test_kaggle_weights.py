@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 import config
-import data_prep
 import kaggle_weights
 
 
@@ -24,8 +24,8 @@ def test_kaggle_model_dir_uses_the_download_and_checks_it(tmp_path: Path, monkey
     (tmp_path / folder).mkdir()
     (tmp_path / "tokenizer.model").write_bytes(config.TINY_TOKENIZER_PATH.read_bytes())
     assert kaggle_weights.kaggle_model_dir(model_cfg) == tmp_path
-    assert data_prep.tokenizer_file(model_cfg) == tmp_path / "tokenizer.model"
-    assert data_prep.load_tokenizer(model_cfg).piece_to_id("<end_of_turn>") == 107
+    assert kaggle_weights.tokenizer_file(model_cfg) == tmp_path / "tokenizer.model"
+    assert kaggle_weights.load_tokenizer(model_cfg).piece_to_id("<end_of_turn>") == 107
     assert kaggle_weights.kaggle_checkpoint_dir(model_cfg) == tmp_path / folder
     assert set(downloaded) == {handle}
 
@@ -41,3 +41,24 @@ def test_an_uploaded_export_loads_by_its_own_handle(tmp_path: Path, monkeypatch:
     assert kaggle_weights.kaggle_checkpoint_dir(model_cfg) == tmp_path / "gemma2-2b-it"
     (tmp_path / "unrestricted").mkdir()
     assert kaggle_weights.kaggle_checkpoint_dir(model_cfg) == tmp_path / "unrestricted"
+
+
+def test_load_tokenizer_rejects_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        kaggle_weights.load_tokenizer(config.ModelConfig(tokenizer_path=str(tmp_path / "none.model")))
+
+
+def test_a_tokenizer_that_does_not_fit_the_models_embedding_is_refused() -> None:
+    """The tokenizer must be the model's own by its size: as many pieces as embedding rows, or up to Tunix's 128
+    padding rows fewer (Gemma2's 256,000 pieces on 256,128 rows). Gemma2's tokenizer on Gemma3's 262,144 rows, or
+    Gemma3's on Gemma2's, is refused in one line."""
+    tiny = config.get_config("cpu-tiny").model
+    pieces = kaggle_weights.load_tokenizer(tiny).get_piece_size()
+    for rows in (pieces, pieces + kaggle_weights.EMBEDDING_PADDING):
+        assert kaggle_weights.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows)).get_piece_size() == pieces
+    for rows in (pieces - 1, pieces + kaggle_weights.EMBEDDING_PADDING + 1):
+        with pytest.raises(config.ConfigError, match=rf"has {pieces} pieces but tiny's embedding has {rows} rows"):
+            kaggle_weights.load_tokenizer(dataclasses.replace(tiny, vocab_size=rows))
+    with pytest.raises(config.ConfigError, match=rf"^tokenizer \S+ has {pieces} pieces but gemma3-1b-it's embedding "
+                                                 r"has 262144 rows: use gemma3-1b-it's own tokenizer"):
+        kaggle_weights.load_tokenizer(config.ModelConfig(name="gemma3-1b-it", tokenizer_path=tiny.tokenizer_path))

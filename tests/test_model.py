@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 import config
-import data_prep
 import export
 import kaggle_weights
 import model
@@ -63,11 +62,12 @@ def test_gemma3_rows_longer_than_the_sliding_window_stay_exact_when_packed(tiny_
     tokens = np.concatenate([*rows, np.zeros(pad, int)])[None].astype(np.int32)
     segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])[None]
     positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])[None].astype(np.int32)
-    logits, _ = tiny_gemma3_model(tokens, positions, None, model.packed_attention_mask(segments))
+    forward = nnx.jit(lambda m, tokens, positions, mask: m(tokens, positions, None, mask)[0])  # compiles per shape
+    logits = forward(tiny_gemma3_model, tokens, positions, model.packed_attention_mask(segments))
 
     def alone(row: np.ndarray) -> np.ndarray:
         mask = model.packed_attention_mask(np.ones((1, len(row)), np.int32))
-        return np.asarray(tiny_gemma3_model(row[None].astype(np.int32), np.arange(len(row))[None], None, mask)[0][0])
+        return np.asarray(forward(tiny_gemma3_model, row[None].astype(np.int32), np.arange(len(row))[None], mask)[0])
 
     starts = np.cumsum([0, *lengths])
     for row, start in zip(rows, starts, strict=False):
@@ -330,7 +330,7 @@ def test_a_lora_regex_that_matches_no_projection_stops_before_the_build(monkeypa
 def test_generation_masks_the_embedding_rows_past_the_tokenizer_and_refuses_a_tokenizer_far_too_small():
     """Gemma's 128 padding rows are masked; a 2,048-piece tokenizer on the 256,128-row embedding is refused at
     once (Tunix's Sampler would spend its compile on 254,080 forbidden ids and run out of memory)."""
-    tokenizer = data_prep.load_tokenizer(config.get_config("cpu-tiny").model)
+    tokenizer = kaggle_weights.load_tokenizer(config.get_config("cpu-tiny").model)
     pieces = tokenizer.get_piece_size()
 
     def ids(vocab: int) -> range:

@@ -56,7 +56,8 @@ def test_notebook_runs_top_to_bottom_on_cpu_tiny_and_the_judges_cells_evaluate_i
     (tests/judges_procedure.py) in the same kernel: they find the run's final step under CKPT_DIR/actor, restore its
     LoRA bit for bit into lora_policy, and a stand-in judge sampling with INF_*, SEED and MAX_GENERATION_STEPS gets
     what the notebook's evaluation got."""
-    overrides = {"run.max_steps": "8", "run.eval_every": "100", "run.eval_batches": "1", "eval.generate_every": "0",
+    overrides = {"run.max_steps": "8", "run.micro_batch": "2", "run.eval_every": "100", "run.eval_batches": "1",
+                 "eval.generate_every": "0",
                  "eval.num_prompts": "2", "eval.max_new_tokens": "16", "eval.batch_size": "2"}
     monkeypatch.setenv("TUNIX_SFT_PRESET", preset)
     monkeypatch.setenv("TUNIX_SFT_OVERRIDES", json.dumps(overrides))

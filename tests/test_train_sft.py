@@ -370,6 +370,7 @@ def test_a_resumed_session_loads_its_steps_from_the_compile_cache(tiny_data_dir,
 
 def _overrides(cfg: config.Config) -> dict[str, str]:
     return {"run.out_dir": cfg.run.out_dir, "run.max_steps": str(cfg.run.max_steps),
+            "run.micro_batch": str(cfg.run.micro_batch),
             "run.eval_every": str(cfg.run.eval_every), "run.eval_batches": str(cfg.run.eval_batches),
             "run.checkpoint_every_steps": str(cfg.run.checkpoint_every_steps),
             "eval.generate_every": str(cfg.eval.generate_every), "run.time_budget_min": str(cfg.run.time_budget_min),
@@ -395,9 +396,9 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path, 
         import json, jax
         from flax import nnx
         import config, model, train_sft
-        cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "3",
-            "run.grad_accum": "2",
-            "run.eval_every": "3", "run.eval_batches": "1", "run.out_dir": "{tmp_path / 'fsdp8'}",
+        cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "2",
+            "run.grad_accum": "2", "run.eval_every": "2", "run.eval_batches": "1",
+            "run.out_dir": "{tmp_path / 'fsdp8'}",
             "eval.generate_every": "0",  # the format probe is tested on one device (test_format_probe.py)
             "data.out_dir": "{tiny_data_dir}"}})
         summary = train_sft.train(cfg, cfg.data.out_dir and __import__("pathlib").Path(cfg.data.out_dir))
@@ -411,7 +412,7 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path, 
                           "final_eval_loss": summary["final_eval_loss"]}}))
     """)
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["steps"] == 3 and result["devices"] == 8
+    assert result["steps"] == 2 and result["devices"] == 8
     assert result["kernel_devices"] == 8 and result["kernel_shard"] == [128 // 8, 512]  # fsdp splits D
     assert math.isfinite(result["final_eval_loss"])
 
