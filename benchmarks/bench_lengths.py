@@ -5,14 +5,14 @@ Item 4 of issue 8: for each max_len, on the length-faithful distribution of ``as
 training rows, packing efficiency with and without packing (``data_prep.pack_rows``), tokens per epoch,
 the attention share of a step's FLOPs (``model.flops_per_token``) and TPU v5e-8 hours for 4 epochs, for each model
 (Gemma2-2B-it and Gemma3-1B-it: the same token lengths, see the results file on characters per token).
-With ``--step-s 2048=0.65 ...`` (the lower bound per optimizer step of 32 windows at each max_len, from
+With ``--step-s 2048=0.83 ...`` (the lower bound per optimizer step of 32 windows at each max_len, from
 ``benchmarks/results_tpu_fit.md``; ``--step-s-gemma3`` for kaggle-gemma3's) it also gives the hours of 4 epochs at
 that bound and at 50% of it.
 Item 5: data-stage throughput on length-faithful rows of real character length
 (``bench_data_prep.throughput``). Writes ``benchmarks/results_lengths.md``.
 
-    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3] [--step-s 2048=0.65]
-        [--step-s-gemma3 2048=0.44]
+    .venv/bin/python benchmarks/bench_lengths.py [--rows 200000] [--prep-rows 1500] [--runs 3] [--step-s 2048=0.83]
+        [--step-s-gemma3 2048=0.54]
 """
 
 from __future__ import annotations
@@ -114,6 +114,13 @@ computed, not timed.
 def lengths_section(args: argparse.Namespace, rows: np.ndarray, completions: np.ndarray, results: list[dict],
                     step_s: dict[str, dict[int, float]]) -> str:
     at_2048 = results[0]
+    gemma2, gemma3 = (step_s[name] for name in MODELS)
+    per_token = ", ".join(f"{gemma2[n] * 2048 / n:.2f} s at {n}" for n in MAX_LENS if n in gemma2) or "not given"
+    # Hours of 4 epochs at the bound, and at half of it, by model and max_len (where the bound was given).
+    at = {(name, r["max_len"]): r["steps"] * step_s[name][r["max_len"]] / 3600 for name in MODELS for r in results
+          if r["max_len"] in step_s[name]}
+    gemma2_2048 = (f"{at['Gemma2-2B-it', 2048]:.1f} h at the bound and {2 * at['Gemma2-2B-it', 2048]:.1f} h at 50% "
+                   f"of it" if ("Gemma2-2B-it", 2048) in at else "the hours at the bound (not given)")
     return f"""## Length distribution and characters per token
 
 Rows are drawn from `assets/glaive_lengths.py`'s fit of the published response-length percentiles of
@@ -146,11 +153,14 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
-**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) the bound per
-token hardly depends on the window any more (`benchmarks/results_tpu_fit.md`: per 32 x 2048 tokens 0.65 s at 2048,
-0.69 s at 3072, 0.63 s at 4096, all without remat; 4096 fits with 2.84 GiB headroom), and the sliding-window cap
-on packed windows is gone for splash. So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at
-{results[2]['packing']:.0%}, in about the same hours at the bound as 2048 (last columns). What keeps 2048 is the
+**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) and every loop
+counted per trip (`benchmarks/results_tpu_fit.md`, "Loops counted per trip" and "Per-trip bounds of the other
+settings"), the bound per token hardly depends on the window: per 32 x 2048 tokens {per_token}, all without remat
+(4096 fits with 2.84 GiB headroom). At 3072 and 4096 these are with `--model.loss_chunk 512`: at one row a chip it
+takes 512 positions a chunk, as the preset's 256 does at two, and the preset's own 256 costs 1.58 s at 3072 and
+2.00 s at 4096 (each chunk gathers the LM head again). The sliding-window cap on packed windows is gone for splash.
+So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at {results[2]['packing']:.0%}, in about
+the same hours at the bound as 2048 (last columns); 3072 costs more (it packs worst). What keeps 2048 is the
 output length, not the cost: the judges generate with a budget of 768 tokens ("under 1K is fine", ../shared/
 NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,} tokens (kept completions'
 p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
@@ -158,8 +168,13 @@ p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reason
 the answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
 {at_2048['source_rows']:,.0f} source rows against {results[2]['source_rows']:,.0f} at 4096 (only
 {at_2048['share']:.0%} kept), a preparation cost of minutes, and is the recipe's choice. 4096 is one flag away
-(`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4`, effective 32 windows; or `--run.grad_accum 2` for
-about 32 rows a step) for a run judged without that budget.
+(`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4 --model.loss_chunk 512`, effective 32 windows; or
+`--run.grad_accum 2` for about 32 rows a step) for a run judged without that budget.
+
+**The budget.** 4 epochs of `kaggle` at 2048 take {gemma2_2048}, against the {TRAIN_BUDGET_HOURS:.0f}-hour training
+budget: a real chip must run at about {at.get(("Gemma2-2B-it", 2048), 0) / TRAIN_BUDGET_HOURS:.0%} of the bound's
+speed or better to finish them; below that the run is cut to what fits, its LR schedule re-planned (fewer epochs,
+not a failure).
 
 The same holds for `kaggle-gemma3`, whose cost is lower still: 4 epochs of Gemma3-1B-it at 2048 take
 {at_2048['hours']['Gemma3-1B-it', 0.35]:.1f} h at 35% MFU ({at_2048['hours']['Gemma3-1B-it', 0.5]:.1f} h at 50%)

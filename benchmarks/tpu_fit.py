@@ -41,8 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax._src.lib import _jax  # noqa: E402
-from jaxlib import _hlo  # noqa: E402
+from jaxlib import _hlo, _jax  # noqa: E402  (private: no public API costs HLO text; tests/test_tunix_adapter.py)
 from tunix.models.gemma import model as gemma_lib  # noqa: E402
 from tunix.sft import sharding_utils  # noqa: E402
 from tunix.utils import sharding_utils as model_sharding_utils  # noqa: E402  (Gemma3's shard())
