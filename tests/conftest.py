@@ -130,10 +130,11 @@ def each_tiny_run_dir(tiny_preset: str, request: pytest.FixtureRequest, tmp_path
     ``trained_logits.npy`` beside it."""
     if tiny_preset == "cpu-tiny":
         return request.getfixturevalue("tiny_run_dir")
-    return train_tiny_run(tmp_path_factory, tiny_data_dir, tiny_preset)
+    # 4 steps: its tests read the LoRA it leaves, not how it learned (tiny_run_dir's tests do)
+    return train_tiny_run(tmp_path_factory, tiny_data_dir, tiny_preset, **{"run.max_steps": "4"})
 
 
-def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, preset: str) -> Path:
+def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, preset: str, **overrides: str) -> Path:
     """A short run of a tiny preset, and ``trained_logits.npy`` beside it, recorded from the model in memory."""
     import jax
 
@@ -146,7 +147,7 @@ def train_tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, pre
         build_model = train_sft.build_model
         patch.setattr(train_sft, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
         # Its own compilation cache: tests/test_train_sft.py counts what it compiles.
-        cfg = tiny_run_config(run_dir, data_dir, preset, **{"run.compile_cache_dir": ""})
+        cfg = tiny_run_config(run_dir, data_dir, preset, **{"run.compile_cache_dir": ""} | overrides)
         train_sft.train(cfg, data_dir)
     with jax.set_mesh(make_mesh(cfg)):
         np.save(run_dir.parent / "trained_logits.npy", logits_of(built[0], logit_tokens(data_dir)))

@@ -102,10 +102,11 @@ def test_each_packed_row_gets_its_own_logits_with_a_window_shorter_than_the_rows
     indices of the window against positions within the row) gets the later rows wrong."""
     short = lora_model(splash_config(window=32))
     batch = packed_batch(seed=1)
-    packed = short(batch["tokens"], batch["positions"], None, model.PackedSegments(jnp.asarray(batch["segment_ids"]),
-                                                                                  128))[0]
-    tunix_packed = short(batch["tokens"], batch["positions"], None,
-                         model.packed_attention_mask(batch["segment_ids"]))[0]
+    forward = nnx.jit(lambda m, tokens, positions, mask: m(tokens, positions, None, mask)[0])  # compiles per shape
+    packed = forward(short, batch["tokens"], batch["positions"],
+                     model.PackedSegments(jnp.asarray(batch["segment_ids"]), 128))
+    tunix_packed = forward(short, batch["tokens"], batch["positions"],
+                           model.packed_attention_mask(batch["segment_ids"]))
     for window, rows in enumerate(ROWS):
         start = 0
         for length in rows:
@@ -113,7 +114,7 @@ def test_each_packed_row_gets_its_own_logits_with_a_window_shorter_than_the_rows
             tokens[0, :length] = batch["tokens"][window, start:start + length]
             segment_ids = (np.arange(LENGTH) < length).astype(np.int32)[None]
             positions = np.where(segment_ids > 0, np.arange(LENGTH), 0).astype(np.int32)
-            alone = short(tokens, positions, None, model.packed_attention_mask(segment_ids))[0][0, :length]
+            alone = forward(short, tokens, positions, model.packed_attention_mask(segment_ids))[0, :length]
             got = np.asarray(packed[window, start:start + length])
             np.testing.assert_allclose(got, alone, atol=2e-5 * np.abs(alone).max(), err_msg=f"{window=} {start=}")
             tunix_error = np.abs(np.asarray(tunix_packed[window, start:start + length]) - alone).max()

@@ -10,6 +10,7 @@ from conftest import HEAVY_MODULES, run_stage
 
 import config
 import kaggle_weights
+import rundir
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -73,10 +74,12 @@ def test_short_flags_belong_to_the_stages_that_read_them() -> None:
     assert config.parse_overrides(["--run.max_steps", "3"], "data_prep") == {"run.max_steps": "3"}
 @pytest.mark.parametrize("stage, flag", [("train_sft.py", "--init-from"), ("train_sft.py", "--out"),
                                          ("export.py", "--run")])
-def test_a_run_of_the_other_architecture_stops_before_heavy_imports(stage: str, flag: str, tiny_run_dir: Path,
-                                                                   tmp_path: Path) -> None:
+def test_a_run_of_the_other_architecture_stops_before_heavy_imports(stage: str, flag: str, tmp_path: Path) -> None:
     """A Gemma2 run given to a Gemma3 setting (--init-from, resuming it as --out, exporting it) is refused by its
     config.json's model.name before JAX is imported."""
+    tiny_run_dir = tmp_path / "run"
+    rundir.checkpoint_dir(tiny_run_dir).mkdir(parents=True)
+    (tiny_run_dir / "config.json").write_text(json.dumps(config.get_config("cpu-tiny").to_dict()))  # as train writes it
     args = {"--init-from": ["--out", tmp_path / "new", "--init-from", tiny_run_dir], "--out": ["--out", tiny_run_dir],
             "--run": ["--run", tiny_run_dir, "--out", tmp_path / "export"]}[flag]
     code, stderr, imported = run_stage(stage, "--preset", "cpu-tiny-gemma3", *args)

@@ -23,7 +23,6 @@ import chat_format
 import config
 import export
 import kaggle_weights
-import train_sft
 import tunix_adapter
 from model import build_model, gemma_config, make_mesh, merged_params
 from rundir import checkpoint_step, newest_good_step, restore_lora
@@ -156,14 +155,6 @@ def test_hf_export_matches_in_transformers(each_tiny_run_dir: Path, tiny_cfg: co
         f"{chat_format.INSTRUCTION}\n\n", "")
     assert tokenizer(text, add_special_tokens=False).input_ids == [sp.bos_id(), *sp.encode(text.removeprefix(
         tokenizer.bos_token))]
-
-
-def test_init_from_accepts_a_single_session_run(tiny_run_dir: Path, tiny_data_dir: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
-    summary = train_sft.main(["--preset", "cpu-tiny", "--init-from", str(tiny_run_dir), "--out", str(tmp_path / "u"),
-                              "--data", str(tiny_data_dir), "--max-steps", "1", "--run.eval_every", "100"])
-    assert summary["steps"] == 1
-    assert f"initialised LoRA from {tiny_run_dir} step {newest_good_step(tiny_run_dir)}" in capsys.readouterr().out
 
 
 def test_upload_without_credentials_prints_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

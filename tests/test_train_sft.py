@@ -377,10 +377,12 @@ def _overrides(cfg: config.Config) -> dict[str, str]:
             "run.compile_cache_dir": cfg.run.compile_cache_dir}
 
 
-def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path):
+def test_init_from_starts_a_new_run_from_another_runs_lora(tiny_run_dir, tiny_data_dir, tmp_path, capsys):
+    """A run continues from a single-session run's final checkpoint (as unrestricted does) with a fresh optimizer."""
     cfg = tiny_run_config(tmp_path / "continued", tiny_data_dir, **{"run.max_steps": "2",
                                                                      "run.init_from": str(tiny_run_dir)})
     summary = train_sft.train(cfg, tiny_data_dir)
+    assert f"initialised LoRA from {tiny_run_dir} step {TINY_RUN_STEPS}" in capsys.readouterr().out
     assert summary["steps"] == 2  # a new run: it counts from 0, not from the source's step
     first_eval = read_metrics(tmp_path / "continued")[0]
     source_final_eval = [r["eval_loss"] for r in read_metrics(tiny_run_dir) if "eval_loss" in r][-1]
@@ -397,7 +399,7 @@ def test_tiny_run_shards_over_an_fsdp8_mesh_and_trains(tiny_data_dir, tmp_path, 
         from flax import nnx
         import config, model, train_sft
         cfg = config.get_config("cpu-tiny", {{"run.mesh_fsdp": "8", "run.micro_batch": "8", "run.max_steps": "2",
-            "run.grad_accum": "2", "run.eval_every": "2", "run.eval_batches": "1",
+            "run.grad_accum": "1", "run.eval_every": "2", "run.eval_batches": "1",
             "run.out_dir": "{tmp_path / 'fsdp8'}",
             "eval.generate_every": "0",  # the format probe is tested on one device (test_format_probe.py)
             "data.out_dir": "{tiny_data_dir}"}})
