@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "real_size.py"
@@ -35,6 +36,7 @@ def test_random_windows_are_packed_like_the_loaders():
             assert (w["loss_mask"][row, used:] == 0).all() and (w["tokens"][row, :used] >= 4).all()
 
 
+@pytest.mark.slow  # the benchmark script end to end; the pipeline's own step and sampler are tested by default
 def test_dry_run_times_the_train_step_and_the_sampler_and_adds_a_row(tmp_path):
     md = tmp_path / "results.md"
     result = load_script().main(["--dry-run", "--md", str(md), "--eval.max_new_tokens", "16"])

@@ -348,6 +348,7 @@ def test_steps_compile_once_per_run(tiny_run_dir):
     assert any((tiny_run_dir / "jax_cache").iterdir())
 
 
+@pytest.mark.slow  # two fresh processes; the multi-session test below checks the same cache within one process
 def test_a_resumed_session_loads_its_steps_from_the_compile_cache(tiny_data_dir, tmp_path):
     """Two sessions, each its own process as on Kaggle: the second resumes at step 2 and compiles nothing."""
     run_dir = tmp_path / "sessions"
@@ -454,6 +455,9 @@ def test_a_multi_session_plan_continues_over_three_sessions(tiny_run_dir, tiny_d
     assert [s["plan_done"] for s in summaries] == [False, False, True]
     assert all(s["sessions"] == "multi" and s["planned_steps"] == TINY_RUN_STEPS for s in summaries)
     assert summaries[0]["plan_progress"] == pytest.approx(steps[0] / TINY_RUN_STEPS)
+    for later in summaries[1:]:  # a later session loads its steps from the persistent compilation cache
+        assert all((later["compiles"][step]["compiles"], later["compiles"][step]["from_cache"]) == (1, 1)
+                   for step in ("train_step", "eval_step")), later["compiles"]
     assert json.loads((run_dir / "run_summary.json").read_text())["plan_done"]
     plan = train_sft.StepPlan(TINY_RUN_STEPS, cfg.optim.learning_rate, cfg.optim.warmup_ratio,
                               cfg.optim.end_lr_ratio)
