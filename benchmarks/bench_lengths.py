@@ -113,14 +113,6 @@ computed, not timed.
 
 def lengths_section(args: argparse.Namespace, rows: np.ndarray, completions: np.ndarray, results: list[dict],
                     step_s: dict[str, dict[int, float]]) -> str:
-    at_2048 = results[0]
-    gemma2, gemma3 = (step_s[name] for name in MODELS)
-    per_token = ", ".join(f"{gemma2[n] * 2048 / n:.2f} s at {n}" for n in MAX_LENS if n in gemma2) or "not given"
-    # Hours of 4 epochs at the bound, and at half of it, by model and max_len (where the bound was given).
-    at = {(name, r["max_len"]): r["steps"] * step_s[name][r["max_len"]] / 3600 for name in MODELS for r in results
-          if r["max_len"] in step_s[name]}
-    gemma2_2048 = (f"{at['Gemma2-2B-it', 2048]:.1f} h at the bound and {2 * at['Gemma2-2B-it', 2048]:.1f} h at 50% "
-                   f"of it" if ("Gemma2-2B-it", 2048) in at else "the hours at the bound (not given)")
     return f"""## Length distribution and characters per token
 
 Rows are drawn from `assets/glaive_lengths.py`'s fit of the published response-length percentiles of
@@ -153,19 +145,32 @@ p99 {np.percentile(rows, 99):,.0f} tokens; completions p50 {np.percentile(comple
   preset's training budget is {TRAIN_BUDGET_HOURS:.0f} hours (`run.time_budget_min` 480); runs that need more
   are cut to what fits, with the LR schedule re-planned.
 
-**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.** With splash attention (issue 17) and every loop
-counted per trip (`benchmarks/results_tpu_fit.md`, "Loops counted per trip" and "Per-trip bounds of the other
-settings"), the bound per token hardly depends on the window: per 32 x 2048 tokens {per_token}, all without remat
-(4096 fits with 2.84 GiB headroom). At 3072 and 4096 these are with `--model.loss_chunk 512`: at one row a chip it
-takes 512 positions a chunk, as the preset's 256 does at two, and the preset's own 256 costs 1.58 s at 3072 and
-2.00 s at 4096 (each chunk gathers the LM head again). The sliding-window cap on packed windows is gone for splash.
-So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at {results[2]['packing']:.0%}, in about
-the same hours at the bound as 2048 (last columns); 3072 costs more (it packs worst). What keeps 2048 is the
-output length, not the cost: the judges generate with a budget of 768 tokens ("under 1K is fine", ../shared/
-NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,} tokens (kept completions'
-p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
-{results[2]['completion_p50']:,.0f}, longest {results[2]['longest']:,}), which such a budget truncates before
-the answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
+{length_decision(results, step_s)}"""
+
+
+def length_decision(results: list[dict], step_s: dict[str, dict[int, float]]) -> str:
+    """Which max_len the presets keep, and why, from the rows and the per-step bounds."""
+    at_2048 = results[0]
+    gemma2 = step_s["Gemma2-2B-it"]
+    per_token = ", ".join(f"{gemma2[n] * 2048 / n:.2f} s at {n}" for n in MAX_LENS if n in gemma2) or "not given"
+    # Hours of 4 epochs at the bound, and at half of it, by model and max_len (where the bound was given).
+    at = {(name, r["max_len"]): r["steps"] * step_s[name][r["max_len"]] / 3600 for name in MODELS for r in results
+          if r["max_len"] in step_s[name]}
+    gemma2_2048 = (f"{at['Gemma2-2B-it', 2048]:.1f} h at the bound and {2 * at['Gemma2-2B-it', 2048]:.1f} h at 50% "
+                   f"of it" if ("Gemma2-2B-it", 2048) in at else "the hours at the bound (not given)")
+    return f"""**Decision: keep max_len 2048 for `kaggle` and `unrestricted`.**
+With splash attention (issue 17) and every loop counted per trip (`benchmarks/results_tpu_fit.md`, "Loops counted
+per trip" and "Per-trip bounds of the other settings"), the bound per token hardly depends on the window: per 32 x
+2048 tokens {per_token}, all without remat (4096 fits with 2.84 GiB headroom). At 3072 and 4096 these are with
+`--model.loss_chunk 512`: at one row a chip it takes 512 positions a chunk, as the preset's 256 does at two, and the
+preset's own 256 costs 1.58 s at 3072 and 2.00 s at 4096 (each chunk gathers the LM head again). The sliding-window
+cap on packed windows is gone for splash. So 4096 would see nearly every row ({results[2]['share']:.0%}) and pack at
+{results[2]['packing']:.0%}, in about the same hours at the bound as 2048 (last columns); 3072 costs more (it packs
+worst). What keeps 2048 is the output length, not the cost: the judges generate with a budget of 768 tokens ("under
+1K is fine", ../shared/NOTES.md), and at 2048 the model already learns completions up to {at_2048['longest']:,}
+tokens (kept completions' p50 {at_2048['completion_p50']:,.0f}); at 4096 it would learn the longest reasoning (p50
+{results[2]['completion_p50']:,.0f}, longest {results[2]['longest']:,}), which such a budget truncates before the
+answer, and every evaluation generation budget (`data_prep.generation_budget`) doubles. 2048 also needs
 {at_2048['source_rows']:,.0f} source rows against {results[2]['source_rows']:,.0f} at 4096 (only
 {at_2048['share']:.0%} kept), a preparation cost of minutes, and is the recipe's choice. 4096 is one flag away
 (`--data.max_len 4096 --run.micro_batch 8 --run.grad_accum 4 --model.loss_chunk 512`, effective 32 windows; or
