@@ -650,8 +650,8 @@ def prepare_run(cfg: Config, run_dir: Path, lock: RunLock | None, data_dir: Path
     an existing config.json alone when it cannot); writes config.json. Returns the data directory and the
     ``--init-from`` step to start from (None when resuming or starting fresh). With several processes, process 0
     prepares the data and sets damaged checkpoints aside while the others wait, and alone writes config.json."""
-    first, alone = jax.process_index() == 0, jax.process_count() == 1
-    if cfg.run.time_budget_min and not alone:
+    first = lock is not None  # process 0
+    if cfg.run.time_budget_min and jax.process_count() > 1:
         raise ConfigError(f"--run.time_budget_min {cfg.run.time_budget_min:g} would stop each of the "
                           f"{jax.process_count()} processes by its own clock, at different steps: pass "
                           "--time-budget-min 0 (and --max-steps N to end earlier)")
