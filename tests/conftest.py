@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import select
@@ -82,9 +83,16 @@ def each_tiny_model(tiny_preset: str, request: pytest.FixtureRequest):
 
 
 TINY_RUN_STEPS = 12
-# One JAX compilation cache for the session's short runs: a run of a shape an earlier one compiled loads its steps.
-COMPILE_CACHE = Path(tempfile.mkdtemp(prefix="tunix_sft_tests_jax_cache_"))
-atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+
+
+@functools.cache
+def session_compile_cache() -> Path:
+    """One JAX compilation cache for the session's short runs (a run of a shape an earlier one compiled loads its
+    steps), made on first use: a process that only imports this file (the 8-device worker, which is killed) makes
+    none to leave behind."""
+    path = Path(tempfile.mkdtemp(prefix="tunix_sft_tests_jax_cache_"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def tiny_run_config(out_dir: Path, data_dir: Path, preset: str = "cpu-tiny", **overrides: str) -> config.Config:
@@ -95,7 +103,7 @@ def tiny_run_config(out_dir: Path, data_dir: Path, preset: str = "cpu-tiny", **o
                 "run.eval_every": "4", "run.checkpoint_every_steps": "4", "run.eval_batches": "1",
                 "run.micro_batch": "2",  # half the preset's rows a step: every behaviour tested, at half the compute
                 "eval.generate_every": "0", "run.time_budget_min": "0",  # no wall-clock budget: load changes nothing
-                "run.compile_cache_dir": str(COMPILE_CACHE)}
+                "run.compile_cache_dir": str(session_compile_cache())}
     return config.get_config(preset, settings | overrides)
 
 
